@@ -1,0 +1,77 @@
+"""Shared fixtures. The suite is CPU-only; real data comes from ../shared/data (or FASTROBUST_DATA)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("FASTROBUST_DATA")
+    return Path(env) if env else (REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = _data_dir()
+    if not d.is_dir():
+        pytest.fail(f"test data not found at {d}: set FASTROBUST_DATA to the folder holding MNIST/ "
+                    f"and cifar10-npz/ (CI uses ../shared/data)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+def random_smallcnn(seed: int = 0, num_classes: int = 10, batchnorm: bool = False):
+    """A SmallCNN with a random (not zero) last layer, so input gradients are informative."""
+    from fastrobust.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("smallcnn", dataset="mnist", num_classes=num_classes)
+    torch.nn.init.normal_(model.net.classifier.fc3.weight, std=0.3)
+    if batchnorm:
+        model.net.features.relu2 = torch.nn.Sequential(torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+    return model
+
+
+@pytest.fixture
+def small_model():
+    return random_smallcnn()
+
+
+@pytest.fixture(scope="session")
+def mnist_test(data_dir):
+    import loaders
+    return loaders.load_arrays("mnist", "test", data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_smallcnn(data_dir):
+    """SmallCNN after a short clean training run on real MNIST (a few seconds on 2 cores)."""
+    import loaders
+    from fastrobust.models import create_model
+
+    torch.manual_seed(0)
+    train = loaders.load_arrays("mnist", "train", data_dir, limit=8192)
+    x = torch.from_numpy(train.images.copy()).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(train.labels).long()
+    model = create_model("smallcnn", dataset="mnist")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for epoch in range(2):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

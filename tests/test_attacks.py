@@ -1,0 +1,159 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_smallcnn
+from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, make_attack, pgd_perturb
+from fastrobust.errors import ConfigError
+
+
+def _inputs(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _ce(model, x, y):
+    with eval_mode(model), torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("start", ["uniform", "trades", "none"])
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_linf_projection_and_box(small_model, start, objective):
+    x, y = _inputs()
+    eps = 0.1
+    x_adv = PGD(eps=eps, step_size=0.04, steps=5, norm="linf", random_start=start, objective=objective)(small_model, x, y)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("start", ["uniform", "none"])
+def test_l2_radius_respected(small_model, start):
+    x, y = _inputs()
+    eps = 1.5
+    x_adv = PGD(eps=eps, step_size=0.5, steps=6, norm="l2", random_start=start, objective="ce")(small_model, x, y)
+    norms = torch.linalg.vector_norm((x_adv - x).flatten(1), dim=1)
+    assert norms.max() <= eps * (1 + 1e-5)
+    assert norms.max() > 0.5 * eps  # it actually moved
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_pgd_no_worse_than_fgsm_on_average(small_model):
+    x, y = _inputs(64)
+    eps = 0.1
+    fgsm = FGSM(eps=eps)(small_model, x, y)
+    pgd = PGD(eps=eps, step_size=0.025, steps=10, norm="linf", random_start="none", objective="ce")(small_model, x, y)
+    assert _ce(small_model, pgd, y).mean() >= _ce(small_model, fgsm, y).mean()
+
+
+def test_loss_increases_along_the_attack(small_model):
+    x, y = _inputs(32)
+    losses = []
+    x_adv = x.clone()
+    for _ in range(6):
+        x_adv = pgd_perturb(small_model.eval(), x_adv, y, eps=0.02, step_size=0.005, steps=1, norm="linf",
+                            random_start_kind="none", objective="ce").x_adv
+        losses.append(float(_ce(small_model, x_adv, y).mean()))
+    assert all(b > a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_kl_attack_computes_clean_logits_once(small_model):
+    x, y = _inputs(8)
+    calls = []
+    handle = small_model.register_forward_hook(lambda m, i, o: calls.append(1))
+    PGD(eps=0.1, step_size=0.02, steps=7, norm="linf", random_start="trades", objective="kl")(small_model, x, y)
+    handle.remove()
+    assert len(calls) == 7 + 1
+
+
+def test_mode_restored_per_module():
+    model = random_smallcnn(batchnorm=True).train()
+    model.net.classifier.drop.eval()  # a deliberately mixed state
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, i: seen.append(m.training))
+    x, y = _inputs(4)
+    PGD(eps=0.1, step_size=0.05, steps=2, norm="linf", random_start="uniform", objective="ce")(model, x, y)
+    hook.remove()
+    assert seen and not any(seen)  # eval mode during the attack
+    assert model.training and model.net.features.relu2[0].training
+    assert not model.net.classifier.drop.training
+
+
+def test_early_stop_freezes_each_sample_at_its_first_fooling_iterate(small_model):
+    x, y = _inputs(32)
+    model = small_model.eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all correct at the start
+    steps = 8
+    kw = dict(eps=0.3, step_size=0.05, norm="linf", random_start_kind="none", objective="ce")
+    iterates = [x]  # the same attack without early stopping, written out
+    x_cur = x
+    for _ in range(steps):
+        x_cur = x_cur.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_cur), y, reduction="sum"), x_cur)
+        x_cur = torch.min(torch.max(x_cur.detach() + 0.05 * g.sign(), x - 0.3), x + 0.3).clamp(0, 1)
+        iterates.append(x_cur)
+    with torch.no_grad():
+        fooled = torch.stack([model(it).argmax(1) != y for it in iterates[:-1]])  # (steps, B)
+    expected = iterates[-1].clone()
+    for i in range(len(y)):
+        hits = fooled[:, i].nonzero()
+        if len(hits):
+            expected[i] = iterates[int(hits[0])][i]
+    res = pgd_perturb(model, x, y, steps=steps, early_stop=True, **kw)
+    assert fooled.any(dim=0).sum() >= 4  # the attack fools several samples early
+    torch.testing.assert_close(res.x_adv, expected)
+
+
+def test_last_grad_norm_is_gradient_at_last_iterate(small_model):
+    x, y = _inputs(8)
+    torch.manual_seed(3)
+    res = pgd_perturb(small_model.eval(), x, y, eps=0.1, step_size=0.05, steps=1, norm="linf",
+                      random_start_kind="none", objective="ce")
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(small_model(xr), y, reduction="sum"), xr)
+    torch.testing.assert_close(res.last_grad_norm, torch.linalg.vector_norm(g.flatten(1), dim=1))
+
+
+def test_eps_zero_returns_the_input(small_model):
+    x, y = _inputs()
+    for attack in (FGSM(eps=0.0), PGD(eps=0.0, step_size=0.01, steps=3, norm="linf", random_start="uniform", objective="ce")):
+        assert torch.equal(attack(small_model, x, y), x)
+
+
+def test_negative_eps_is_rejected():
+    with pytest.raises(ConfigError, match="eps"):
+        PGD(eps=-0.1, step_size=0.01, steps=3, norm="linf", random_start="uniform", objective="ce")
+    with pytest.raises(ConfigError, match="eps"):
+        FGSM(eps=-1)
+
+
+def test_bad_options_are_rejected_with_names():
+    with pytest.raises(ConfigError, match="linf"):
+        PGD(eps=0.1, step_size=0.01, steps=3, norm="inf", random_start="uniform", objective="ce")
+    with pytest.raises(ConfigError, match="steps"):
+        PGD(eps=0.1, step_size=0.01, steps=0, norm="linf", random_start="uniform", objective="ce")
+    with pytest.raises(ConfigError, match="pgd"):
+        make_attack("pdg", eps=0.1)
+
+
+def test_weak_attack_warns():
+    with pytest.warns(UserWarning, match="cannot cover its ball"):
+        PGD(eps=0.3, step_size=0.01, steps=20, norm="linf", random_start="uniform", objective="ce")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PGD(eps=0.3, step_size=0.01, steps=40, norm="linf", random_start="uniform", objective="ce")
+
+
+def test_autoattack_wrapper_respects_ball_and_beats_clean(small_model):
+    x, y = _inputs(16)
+    with torch.no_grad():
+        y = small_model.eval()(x).argmax(1)
+    aa = AutoAttack(eps=0.1, norm="linf", version="custom", attacks=("apgd-ce",), batch_size=16, device="cpu")
+    x_adv = aa(small_model, x, y)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert (small_model(x_adv).argmax(1) != y).sum() > 0
