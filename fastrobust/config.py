@@ -83,7 +83,8 @@ class TrainConfig:
     data_dir: str | None = None
     train_limit: int | None = None          # first n training images (smoke runs)
     val_samples: int = 1000                 # held-out test slice for the per-epoch PGD check
-    loader: str = "auto"
+    loader: str = "auto"                    # auto | gpu (device-resident) | torch | ffcv
+    beton_dir: str | None = None            # where FFCV .beton files are written/read (ffcv loader)
     # optimisation (SGD with momentum)
     epochs: int = 100
     batch_size: int = 128

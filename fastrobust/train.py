@@ -135,6 +135,16 @@ class StepTimes:
                 "attack_share": statistics.median(a) / med, "peak_memory_mb": peak_memory_mb(device)}
 
 
+def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """torch.compile the model. D-TRADES' exact sensitivity backpropagates twice through the adversarial
+    forward (input gradient, then the loss, with retain_graph); inductor's in-place buffer reuse
+    overwrites saved activations in the first backward and silently corrupts the second (seen with
+    torch 2.14 on the CPU: parameter gradients off by 3x; tests/test_fast_step.py catches it), so
+    that case compiles without in-place buffers."""
+    double_backward = cfg.method == "dtrades" and cfg.sensitivity == "exact"
+    return torch.compile(model, options={"inplace_buffers": False} if double_backward else None)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -157,7 +167,7 @@ class TrainStep:
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.method = build_method(cfg)
-        self.net = torch.compile(model) if cfg.compile else model
+        self.net = compile_model(model, cfg) if cfg.compile else model
 
     def autocast(self):
         if self.amp is None:
@@ -200,8 +210,11 @@ class Trainer:
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         seed_everything(cfg.seed)
 
+        # A compiled step specialises on the batch shape: drop the last partial batch rather than
+        # recompile for it (fewer than batch_size samples per epoch go unseen, a different subset each epoch).
         self.loader = loaders.build(cfg.dataset, "train", cfg.batch_size, self.device, backend=cfg.loader,
-                                    seed=cfg.seed, data_dir=cfg.data_dir, limit=cfg.train_limit)
+                                    seed=cfg.seed, data_dir=cfg.data_dir, limit=cfg.train_limit,
+                                    drop_last=True if cfg.compile else None, beton_dir=cfg.beton_dir)
         self.test = loaders.load_arrays(cfg.dataset, "test", cfg.data_dir)
         self.model = create_model(cfg.model, dataset=cfg.dataset).to(self.device)
         if self.channels_last:
