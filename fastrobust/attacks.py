@@ -226,7 +226,9 @@ class AutoAttack:
             adversary.verbose = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                x_adv, _ = adversary.run_standard_evaluation(x.to(device), y.to(device), batch_size=self.batch_size)
+                # pyautoattack reshapes gradients with .view: it needs contiguous (NCHW) inputs
+                x_adv, _ = adversary.run_standard_evaluation(x.to(device).contiguous(), y.to(device),
+                                                             batch_size=self.batch_size)
         return x_adv.detach()
 
 

@@ -184,7 +184,7 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
                    profile_dir: str | None = None, attack_steps: int = 10, progress: bool = True) -> dict[str, Any]:
     dev = resolve_device(device)
     compile = dev.type == "cuda" if compile is None else compile
-    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    channels_last = True if channels_last is None else channels_last
     rows, ratios = [], []
     for model_name in models:
         for batch in batches:
@@ -325,13 +325,11 @@ def step_command(ns: argparse.Namespace) -> tuple[dict, str]:
 def trades_consumption_rate(model_name: str, device: torch.device, data_dir: str | None, batch: int = 128,
                             steps: int = 2) -> float:
     """Images/s a TRADES-10 training step of ``model_name`` consumes on ``device`` (after one warm-up step)."""
-    cfg = TrainConfig(model=model_name, method="trades", batch_size=batch, device=str(device),
-                      channels_last=device.type == "cuda").validate()
-    model = create_model(model_name, dataset="cifar10").to(device)
-    if cfg.channels_last or device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    cfg = TrainConfig(model=model_name, method="trades", batch_size=batch, device=str(device)).validate()
+    model = create_model(model_name, dataset="cifar10").to(device, memory_format=torch.channels_last)
     step = TrainStep(cfg, model, device)
     x, y = _batch("cifar10", batch, device, data_dir)
+    x = x.to(memory_format=torch.channels_last)
     step(x, y)
     times = []
     for _ in range(steps):

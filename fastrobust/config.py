@@ -17,6 +17,7 @@ SENSITIVITIES = ("exact", "attack", "func")
 FAAL_BASES = ("at", "trades", "mart")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 KERNEL_BACKENDS = ("auto", "triton", "reference")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EVAL_ATTACKS = ("fgsm", "pgd", "autoattack")
 
 # The per-dataset threat model applies to every attack of an evaluation. Using the wrong radius
@@ -40,6 +41,7 @@ class EvalConfig:
     num_samples: int | None = None          # None: the whole test set
     aa_samples: int = 1000                  # AutoAttack on the first n test points
     aa_version: str = "standard"
+    aa_attacks: tuple[str, ...] = ()        # with aa_version="custom": e.g. ("apgd-ce", "apgd-t")
     batch_size: int = 256
     sweep_samples: int = 200                # eps-sweep sanity checks on the first n points
     sweep_multipliers: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
@@ -51,7 +53,8 @@ class EvalConfig:
         d = EVAL_DEFAULTS[self.dataset]
         out = dataclasses.replace(self, eps=d["eps"] if self.eps is None else self.eps,
                                   pgd_step_size=d["pgd_step_size"] if self.pgd_step_size is None else self.pgd_step_size,
-                                  attacks=tuple(self.attacks), sweep_multipliers=tuple(self.sweep_multipliers))
+                                  attacks=tuple(self.attacks), sweep_multipliers=tuple(self.sweep_multipliers),
+                                  aa_attacks=tuple(self.aa_attacks))
         out.validate()
         return out
 
@@ -68,6 +71,8 @@ class EvalConfig:
             check_positive_int(self.num_samples, "eval num_samples")
         if self.aa_samples < 0 or self.sweep_samples < 0:
             raise ConfigError("aa_samples and sweep_samples must be >= 0")
+        if self.aa_version == "custom" and not self.aa_attacks:
+            raise ConfigError("aa_version 'custom' needs aa_attacks, e.g. ('apgd-ce', 'apgd-t')")
         if not (self.pgd_step_size and self.pgd_step_size > 0):
             raise ConfigError(f"pgd_step_size must be > 0, got {self.pgd_step_size}")
 
@@ -113,8 +118,10 @@ class TrainConfig:
     # engineering
     device: str = "auto"
     amp: str = "auto"                       # bf16 on a GPU, off on the CPU
-    channels_last: bool | None = None       # None: on for CUDA, off for CPU
+    channels_last: bool = True              # model and batches in NHWC: faster convolutions on GPU and CPU
     compile: bool = False
+    compile_mode: str = "default"           # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    activation_checkpointing: bool = False  # recompute residual blocks in the backward (WRN-34-10 memory)
     ema_decay: float | None = None
     init_checkpoint: str | None = None      # fine-tune from these weights (FAAL's official protocol)
     seed: int = 0
@@ -133,7 +140,8 @@ class TrainConfig:
                                    (self.lambda_norm, LAMBDA_NORMS, "lambda normalisation"),
                                    (self.sensitivity, SENSITIVITIES, "sensitivity mode"),
                                    (self.faal_base, FAAL_BASES, "FAAL base loss"), (self.amp, AMP_MODES, "amp mode"),
-                                   (self.kernels, KERNEL_BACKENDS, "kernel backend"), (self.norm, ("linf", "l2"), "norm")):
+                                   (self.kernels, KERNEL_BACKENDS, "kernel backend"), (self.norm, ("linf", "l2"), "norm"),
+                                   (self.compile_mode, COMPILE_MODES, "compile mode")):
             if value not in valid:
                 raise unknown_name(kind, value, valid)
         from .models import list_models  # late: keeps config import-light

@@ -75,6 +75,8 @@ class EvalResult:
         return all(c.passed for c in self.checks)
 
     def label(self, attack: str) -> str:
+        if attack == "autoattack" and self.config.get("aa_version", "standard") != "standard":
+            return f"AutoAttack ({self.config['aa_version']}: {', '.join(self.config.get('aa_attacks') or ())})"
         return ATTACK_LABELS[attack].format(steps=self.config["pgd_steps"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,14 +95,24 @@ def as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     if t.dtype == torch.uint8:
         if t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
             t = t.permute(0, 3, 1, 2)
-        return t.float().div_(255.0)
-    return t.float()
+        return t.float().div_(255.0).contiguous()
+    return t.float().contiguous()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with eval_mode(model):
         return model(x).argmax(1)
+
+
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's convolutions are stored that way: inputs should match, since
+    mixing formats makes every convolution convert (several times slower on the CPU)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() \
+                else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -146,9 +158,10 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     clean = torch.zeros(n, dtype=torch.bool)
     correct = {a: torch.zeros(n, dtype=torch.bool) for a in batch_attacks}
     model = model.to(device)
+    fmt = model_memory_format(model)
     slices = _batches(n, cfg.batch_size)
     for sl in tqdm(slices, desc="eval " + "+".join(["clean"] + batch_attacks), disable=not progress, leave=False):
-        x, y = x_all[sl].to(device), y_all[sl].to(device)
+        x, y = x_all[sl].to(device, memory_format=fmt), y_all[sl].to(device)
         clean[sl] = (predict(model, x) == y).cpu()
         for a in batch_attacks:
             correct[a][sl] = (predict(model, attacks[a](model, x, y)) == y).cpu()
@@ -156,7 +169,7 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     n_aa = min(cfg.aa_samples, n) if "autoattack" in cfg.attacks else 0
     if n_aa:
         aa = AutoAttack(eps=cfg.eps, norm=cfg.norm, version=cfg.aa_version, batch_size=cfg.batch_size,
-                        seed=cfg.seed, device=device)
+                        seed=cfg.seed, device=device, attacks=cfg.aa_attacks or None)
         correct["autoattack"] = torch.zeros(n_aa, dtype=torch.bool)
         for sl in tqdm(_batches(n_aa, cfg.batch_size), desc="eval AutoAttack", disable=not progress, leave=False):
             x, y = x_all[sl].to(device), y_all[sl].to(device)
@@ -177,7 +190,8 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
         m = min(cfg.sweep_samples, n)
         result.sweep = eps_sweep(model, x_all[:m], y_all[:m], cfg, device, progress)
         result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m)
-    result.checks.append(input_gradient_check(model, x_all[:cfg.batch_size].to(device), y_all[:cfg.batch_size].to(device)))
+    result.checks.append(input_gradient_check(model, x_all[:cfg.batch_size].to(device, memory_format=fmt),
+                                              y_all[:cfg.batch_size].to(device)))
     return result
 
 
@@ -211,8 +225,9 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
             pgd = PGD(eps=eps, step_size=max(step, 1e-12), steps=cfg.pgd_steps, norm=cfg.norm,
                       random_start=cfg.pgd_random_start, objective="ce")
         hits = 0
+        fmt = model_memory_format(model)
         for sl in _batches(len(y), cfg.batch_size):
-            xb, yb = x[sl].to(device), y[sl].to(device)
+            xb, yb = x[sl].to(device, memory_format=fmt), y[sl].to(device)
             hits += int((predict(model, pgd(model, xb, yb)) == yb).sum())
         points.append({"eps": eps, "ra": hits / len(y), "n": len(y)})
     return points

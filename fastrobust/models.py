@@ -68,13 +68,26 @@ class Normalize(nn.Module):
 
 
 class RobustModel(nn.Module):
-    """Normalize -> network. ``spec`` records how it was built."""
+    """Normalize -> network. ``spec`` records how it was built.
+
+    ``activation_checkpointing = True`` makes residual blocks (ResNet, PreAct ResNet, WRN) recompute
+    their activations in the backward instead of storing them: less memory for one more forward."""
 
     def __init__(self, spec: ModelSpec, net: nn.Module):
         super().__init__()
         self.spec = spec
         self.normalize = Normalize(spec.mean, spec.std)
         self.net = net
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return any(getattr(m, "checkpointed", False) for m in self.modules())
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, _Checkpointable):
+                m.checkpointed = bool(on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
@@ -121,10 +134,37 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _Checkpointable(nn.Module):
+    """A block whose forward can be recomputed in the backward (torch.utils.checkpoint, non-reentrant,
+    so input gradients for the attacks and double backward keep working)."""
+    checkpointed = False
+
+    def __call__(self, *args, **kwargs):
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(self._forward_once, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _forward_once(self, *args, **kwargs):
+        if torch._C._current_graph_task_id() == -1:  # the real forward
+            return super().__call__(*args, **kwargs)
+        # the recomputation inside the backward: batch norm must not count this batch a second time
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(tracked)
+
+
 # ----------------------------------------------------------------------------------------------
 # ResNet-18 (CIFAR variant: 3x3 stem, no max-pool), He et al. 2016 as used by TRADES/MART/D-TRADES.
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Checkpointable):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -141,7 +181,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(_Checkpointable):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -255,7 +295,7 @@ def smallcnn(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop:
 # ----------------------------------------------------------------------------------------------
 # WideResNet-34-10 (Zagoruyko & Komodakis 2016), the standard TRADES CIFAR-10 model.
 
-class WideBlock(nn.Module):
+class WideBlock(_Checkpointable):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)

@@ -70,12 +70,13 @@ def device_description(device: str | torch.device) -> str:
 
 
 def versions() -> dict[str, str | None]:
+    # Read from package metadata, not by importing: importing ffcv changes torch's thread count.
+    from importlib.metadata import PackageNotFoundError, version
     out: dict[str, str | None] = {"python": sys.version.split()[0], "torch": torch.__version__}
     for name in ("torchvision", "triton", "numpy", "ffcv", "pyautoattack"):
         try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "installed")
-        except Exception:  # noqa: BLE001 - any import failure just means "absent"
+            out[name] = version(name)
+        except PackageNotFoundError:
             out[name] = None
     from . import __version__
     out["fastrobust"] = __version__

@@ -142,7 +142,13 @@ def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     torch 2.14 on the CPU: parameter gradients off by 3x; tests/test_fast_step.py catches it), so
     that case compiles without in-place buffers."""
     double_backward = cfg.method == "dtrades" and cfg.sensitivity == "exact"
-    return torch.compile(model, options={"inplace_buffers": False} if double_backward else None)
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    if double_backward:
+        # options and mode are exclusive in torch.compile: spell the mode's options out
+        options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+        options["inplace_buffers"] = False
+        return torch.compile(model, options=options)
+    return torch.compile(model, mode=mode)
 
 
 @dataclass
@@ -207,7 +213,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         _check_writable(self.out)
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = cfg.channels_last
         seed_everything(cfg.seed)
 
         # A compiled step specialises on the batch shape: drop the last partial batch rather than
@@ -217,6 +223,7 @@ class Trainer:
                                     drop_last=True if cfg.compile else None, beton_dir=cfg.beton_dir)
         self.test = loaders.load_arrays(cfg.dataset, "test", cfg.data_dir)
         self.model = create_model(cfg.model, dataset=cfg.dataset).to(self.device)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.init_checkpoint:
@@ -348,6 +355,8 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
                        disable=not cfg.progress, leave=False)
             for x, y in self.loader:
+                if not self.channels_last:
+                    x = x.contiguous()  # the loaders deliver NHWC; match the model's layout
                 record = self.step(x, y)
                 self.batch += 1
                 self.global_step += 1

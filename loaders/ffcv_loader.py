@@ -68,9 +68,16 @@ class _Namespace:
 
 
 def _import_ffcv():
-    """Import the pieces of ffcv we use; raise ImportError (or any error) if that fails."""
+    """Import the pieces of ffcv we use; raise ImportError (or any error) if that fails.
+
+    Importing ffcv calls ``torch.set_num_threads(1)`` (its pipeline compiler's default), which would
+    silently halve CPU training speed on two cores: the thread count is restored afterwards."""
     import importlib
-    importlib.import_module("ffcv")
+    threads = torch.get_num_threads()
+    try:
+        importlib.import_module("ffcv")
+    finally:
+        torch.set_num_threads(threads)
     ns = _Namespace()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder

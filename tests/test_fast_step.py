@@ -140,3 +140,14 @@ def test_step_bench_reports_ratios(data_dir, tmp_path):
     assert rows["trades eager ref"]["gflop_per_step"] > rows["trades"]["gflop_per_step"]
     assert rows["dtrades[exact]"]["gflop_per_step"] > rows["dtrades[attack]"]["gflop_per_step"]
     assert "Ratios" in step_markdown(report)
+
+
+def test_nothing_we_import_changes_torch_threads():
+    """ffcv sets torch's thread count to 1 on import: that would halve CPU training speed unnoticed."""
+    from fastrobust.report import versions
+    from loaders.ffcv_loader import require_ffcv
+
+    before = torch.get_num_threads()
+    require_ffcv()
+    versions()
+    assert torch.get_num_threads() == before

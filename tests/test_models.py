@@ -73,3 +73,20 @@ def test_spec_round_trip_rebuilds_same_architecture():
     clone = model_from_spec(ModelSpec.from_dict(model.spec.to_dict()))
     assert clone.spec == model.spec
     assert [k for k in clone.state_dict()] == [k for k in model.state_dict()]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
+def test_activation_checkpointing_gives_same_gradients(name):
+    import copy
+    model = create_model(name, dataset="cifar10").train()
+    ckpt = copy.deepcopy(model)
+    ckpt.activation_checkpointing = True
+    assert ckpt.activation_checkpointing and not model.activation_checkpointing
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    got = torch.autograd.grad(torch.nn.functional.cross_entropy(ckpt(x), y), list(ckpt.parameters()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for (k, a), b in zip(ckpt.state_dict().items(), model.state_dict().values()):  # running stats counted once
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=k)
