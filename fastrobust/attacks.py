@@ -96,20 +96,25 @@ class PGDResult(NamedTuple):
 
 def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
                 steps: int, norm: str, random_start_kind: str, objective: str, early_stop: bool = False,
-                clean_logits: torch.Tensor | None = None) -> PGDResult:
+                clean_logits: torch.Tensor | None = None, start: torch.Tensor | None = None) -> PGDResult:
     """The PGD loop, in whatever mode the model is in (callers use :func:`eval_mode`).
 
     With ``objective="kl"`` the target distribution p = softmax(f(x)) is computed once, not at every
     step as the official TRADES code does; pass ``clean_logits`` to reuse a forward already made.
     The per-sample objective is summed, not averaged, so each sample's gradient is its own
     ``grad_{x'_i} loss_i`` - the quantity D-TRADES' ``attack`` sensitivity reuses.
+    ``start``, when given, is the first iterate (projected into the ball) instead of a random start
+    drawn here: the trainer draws it per sample so it does not depend on how a batch is sharded.
     """
     x = x.detach()
     if objective == "kl":
         with torch.no_grad():
             logits = model(x) if clean_logits is None else clean_logits
             log_p = F.log_softmax(fp32(logits.detach()), dim=1)
-    x_adv = random_start(x, eps, norm, random_start_kind).detach()
+    if start is None:
+        x_adv = random_start(x, eps, norm, random_start_kind).detach()
+    else:
+        x_adv = project(start.detach().to(x.dtype), x, eps, norm).detach()
     grad_norm = torch.zeros(x.shape[0], device=x.device)
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(steps):

@@ -171,9 +171,9 @@ def _batch(dataset: str, batch: int, device: torch.device, data_dir: str | None)
     x = torch.from_numpy(data.images.copy()).permute(0, 3, 1, 2).float().div(255)
     if len(x) < batch:  # fewer test images than the batch: repeat them
         reps = -(-batch // len(x))
-        x, y = x.repeat(reps, 1, 1, 1)[:batch], torch.from_numpy(data.labels).repeat(reps)[:batch]
+        x, y = x.repeat(reps, 1, 1, 1)[:batch], torch.from_numpy(data.labels.copy()).repeat(reps)[:batch]
     else:
-        y = torch.from_numpy(data.labels)
+        y = torch.from_numpy(data.labels.copy())
     return x.to(device), y.long().to(device)
 
 
@@ -181,7 +181,9 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
                    dataset: str = "cifar10", sensitivities: Sequence[str] = ("attack", "exact", "func"),
                    repeats: int = 5, warmup: int = 2, compile: bool | None = None, amp: str = "auto",
                    channels_last: bool | None = None, reference: bool = True, data_dir: str | None = None,
-                   profile_dir: str | None = None, attack_steps: int = 10, progress: bool = True) -> dict[str, Any]:
+                   profile_dir: str | None = None, attack_steps: int = 10, progress: bool = True,
+                   deadline: float | None = None) -> dict[str, Any]:
+    """``deadline`` (a time.time() value): stop starting new repeats past it; what was measured is kept."""
     dev = resolve_device(device)
     compile = dev.type == "cuda" if compile is None else compile
     channels_last = True if channels_last is None else channels_last
@@ -219,13 +221,18 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
                 for v in variants:
                     v.runner(xs if v.kind == "fast" else x, y)
             for r in range(repeats):
+                if deadline is not None and r > 0 and time.time() > deadline:
+                    break
                 for v in variants:
-                    if dev.type == "cuda":
+                    resident = 0.0
+                    if dev.type == "cuda":  # the step's own peak: above what is resident before it starts
+                        torch.cuda.synchronize(dev)
+                        resident = torch.cuda.memory_allocated(dev) / 2**20
                         torch.cuda.reset_peak_memory_stats(dev)
                     res = v.runner(xs if v.kind == "fast" else x, y)
                     v.attack.append(res.attack_s)
                     v.update.append(res.update_s)
-                    v.peak_mb = max(v.peak_mb, peak_memory_mb(dev))
+                    v.peak_mb = max(v.peak_mb, peak_memory_mb(dev) - resident)
                 if progress:
                     print(f"  {model_name} batch {batch}: round {r + 1}/{repeats}", flush=True)
             if profile_dir:
@@ -240,7 +247,7 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
                 rows.append({"model": model_name, "batch": batch, "variant": v.name, "method": v.method, "kind": v.kind,
                              "ms_median": 1000 * med, "ms_q1": 1000 * q1, "ms_q3": 1000 * q3, "img_per_s": batch / med,
                              "attack_ms": 1000 * statistics.median(v.attack), "update_ms": 1000 * statistics.median(v.update),
-                             "peak_memory_mb": v.peak_mb, "gflop_per_step": v.flops / 1e9 if v.flops else None,
+                             "peak_memory_mb": v.peak_mb, "timed_repeats": len(v.attack), "gflop_per_step": v.flops / 1e9 if v.flops else None,
                              "tflop_per_s": tflops, "mfu": tflops / peak if tflops and peak else None,
                              "repeats": repeats})
             for v in variants:
@@ -279,7 +286,8 @@ def step_markdown(report: dict[str, Any]) -> str:
     ratio_rows = [[r["model"], r["batch"], r["ratio"], f"{r['value']:.3f}"] for r in report["ratios"]]
     return (f"Device: {report['device']}; compile={report['compile']}, amp={report['amp']}, "
             f"channels_last={report['channels_last']}, PGD-{report['attack_steps']} training attack, "
-            f"{report['repeats']} interleaved repeats after {report['warmup']} warm-up.\n\n"
+            f"{report['repeats']} interleaved repeats after {report['warmup']} warm-up. Peak MB: on CUDA the "
+            f"memory a step allocates above what is resident before it; on the CPU the process's peak RSS.\n\n"
             + markdown_table(headers, body) + "\n\n**Ratios** (median step time)\n\n"
             + markdown_table(["model", "batch", "ratio", "value"], ratio_rows) + "\n")
 
@@ -323,12 +331,13 @@ def step_command(ns: argparse.Namespace) -> tuple[dict, str]:
 
 
 def trades_consumption_rate(model_name: str, device: torch.device, data_dir: str | None, batch: int = 128,
-                            steps: int = 2) -> float:
+                            steps: int = 2, dataset: str = "cifar10") -> float:
     """Images/s a TRADES-10 training step of ``model_name`` consumes on ``device`` (after one warm-up step)."""
-    cfg = TrainConfig(model=model_name, method="trades", batch_size=batch, device=str(device)).validate()
-    model = create_model(model_name, dataset="cifar10").to(device, memory_format=torch.channels_last)
+    cfg = TrainConfig(dataset=dataset, model=model_name, method="trades", batch_size=batch,
+                      device=str(device)).validate()
+    model = create_model(model_name, dataset=dataset).to(device, memory_format=torch.channels_last)
     step = TrainStep(cfg, model, device)
-    x, y = _batch("cifar10", batch, device, data_dir)
+    x, y = _batch(dataset, batch, device, data_dir)
     x = x.to(memory_format=torch.channels_last)
     step(x, y)
     times = []

@@ -21,6 +21,7 @@ from .models import ModelSpec, RobustModel, model_from_spec
 
 FORMAT = "fastrobust-checkpoint/1"
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -126,6 +127,32 @@ def newest_valid(folder: str | Path) -> tuple[Path, dict] | None:
         except CheckpointError as e:
             warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
     return None
+
+
+def clean_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of writers that died mid-save (SIGKILL, power loss): their process
+    no longer exists. They never carry a checkpoint's name, so nothing ever loads them; this only
+    frees the space. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TEMP_FILE.match(p.name)
+        if m and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prune(folder: str | Path, keep: int) -> None:

@@ -2,7 +2,12 @@
 
 Every ``TrainConfig`` field is a ``train`` flag (``--lambda-norm mean``); evaluation fields take an
 ``--eval-`` prefix (``--eval-aa-samples 500``). Tuples are comma-separated, optional values accept
-``none``. Bad input ends with one clear line and exit status 2, never a traceback.
+``none``. ``train --dry-run`` validates the configuration and prints it as JSON without training.
+Bad input ends with one clear line and exit status 2, never a traceback; a run stopped by SIGTERM
+exits with 143 after writing a checkpoint (``--resume`` continues it).
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m fastrobust train ...``) ``train`` and ``eval``
+run distributed without any other change: see README "Scaling out".
 """
 from __future__ import annotations
 
@@ -72,13 +77,27 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
     return cfg
 
 
+def add_train_flags(p_train: argparse.ArgumentParser) -> None:
+    add_config_flags(p_train, TrainConfig)
+    add_config_flags(p_train, EvalConfig, prefix="eval-", skip=("dataset",))
+    p_train.add_argument("--dry-run", action="store_true",
+                         help="validate the configuration, print it as JSON and exit (no data is loaded)")
+
+
+def parse_train_config(argv: Sequence[str]) -> TrainConfig:
+    """``fastrobust train`` flags -> a validated TrainConfig. Raises ConfigError for a bad value and
+    SystemExit(2) (argparse, with a usage message) for a malformed command line."""
+    parser = argparse.ArgumentParser(prog="fastrobust train")
+    add_train_flags(parser)
+    return config_from_args(parser.parse_args(list(argv))).validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrobust", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_train = sub.add_parser("train", help="adversarial training (any method, model, dataset)")
-    add_config_flags(p_train, TrainConfig)
-    add_config_flags(p_train, EvalConfig, prefix="eval-", skip=("dataset",))
+    add_train_flags(p_train)
 
     p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint: NA, FGSM, PGD, AutoAttack")
     p_eval.add_argument("--checkpoint", required=True, help="a .pt file written by fastrobust")
@@ -120,23 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(ns).validate()
+    if ns.dry_run:
+        print(cfg.to_json())
+        return 0
+    from . import distributed as dist
     from .train import train
-    cfg = config_from_args(ns)
     summary = train(cfg)
-    if "eval" in summary:
-        print((Path(summary["out_dir"]) / "results.md").read_text())
-    print((Path(summary["out_dir"]) / "throughput.md").read_text())
+    if dist.is_main():
+        if "eval" in summary:
+            print((Path(summary["out_dir"]) / "results.md").read_text())
+        print((Path(summary["out_dir"]) / "throughput.md").read_text())
     return 0
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
     import loaders
 
+    from . import distributed as dist
     from .checkpoint import load_checkpoint, load_model
     from .evaluate import evaluate, results_markdown, save_results
     from .report import manifest
-    from .train import _sha256, resolve_device
+    from .train import _sha256, setup_device
 
+    ev_fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    cfg = EvalConfig(dataset=ns.dataset or "cifar10",
+                     **{k: v for k, v in vars(ns).items() if k in ev_fields and k != "dataset"})
+    cfg.resolved()  # bad options fail before anything is loaded
     ckpt = load_checkpoint(ns.checkpoint)
     spec = ckpt["spec"]
     dataset = ns.dataset or (ckpt.get("config") or {}).get("dataset")
@@ -153,18 +182,21 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         _, _, chans, size, classes = DATASET_STATS[dataset]
         expected.setdefault("num_classes", data.num_classes)
         expected.update(in_chans=chans, img_size=size)
-    device = resolve_device(ns.device)
+    device = setup_device(ns.device)
     model, _ = load_model(ns.checkpoint, device, expected=expected, weights=ns.weights)
-    ev_fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg = EvalConfig(dataset=dataset, **{k: v for k, v in vars(ns).items() if k in ev_fields and k != "dataset"})
+    cfg = dataclasses.replace(cfg, dataset=dataset)
+    # under torchrun every rank attacks its share of the batches; the result is the single-process one
     result = evaluate(model, data.images, data.labels, cfg, device, progress=not ns.no_progress)
     name = f"{spec['name']} ({Path(ns.checkpoint).name})"
     out = Path(ns.out) if ns.out else Path(ns.checkpoint).resolve().parent.parent / "eval"
-    save_results({name: result}, out, manifest(dataclasses.asdict(cfg.resolved()), device=device, seed=cfg.seed,
-                                               checkpoint=str(ns.checkpoint), checkpoint_sha256=_sha256(Path(ns.checkpoint)),
-                                               samples={"n": result.n, **result.n_attacked}))
-    print(results_markdown({name: result}))
-    print(f"written to {out}/results.{{md,csv,json}}")
+    if dist.is_main():
+        save_results({name: result}, out, manifest(dataclasses.asdict(cfg.resolved()), device=device, seed=cfg.seed,
+                                                   checkpoint=str(ns.checkpoint), checkpoint_sha256=_sha256(Path(ns.checkpoint)),
+                                                   samples={"n": result.n, **result.n_attacked},
+                                                   world_size=dist.world_size()))
+        print(results_markdown({name: result}))
+        print(f"written to {out}/results.{{md,csv,json}}")
+    dist.barrier()
     return 0
 
 
@@ -200,18 +232,30 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(message: object) -> str:
+    """A multi-line message (a list of paths tried, say) folded onto one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": _cmd_bench}
+    from . import distributed as dist
+    from .train import TrainingInterrupted
     try:
         return handlers[ns.command](ns)
+    except TrainingInterrupted as e:
+        print(f"fastrobust: interrupted: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except FastRobustError as e:
-        print(f"fastrobust: error: {e}", file=sys.stderr)
+        print(f"fastrobust: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastrobust: interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

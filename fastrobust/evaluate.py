@@ -13,8 +13,18 @@ Every evaluation runs and records these checks, each "passed" or "FAILED" with i
   eps = 0    PGD RA at eps 0 equals NA exactly;
   monotone   PGD RA does not rise as eps grows (within the error bar);
   large eps  PGD RA at a radius covering the whole [0,1] box is about 0 (<= 5%);
-  gradients  input gradients are finite and mostly non-zero.
+  gradients  input gradients are finite and mostly non-zero;
+  PGD vs AA  PGD RA exceeds AutoAttack RA on the same points by at most 5 points (or two standard
+             errors): a larger gap means PGD is too weak for this model, and its RA overstates robustness;
+  diversity  no class takes more than half of the clean predictions: a collapsed model's robust
+             accuracy is only the share of its favourite class.
 Failures point at gradient masking or a broken attack; they never stop the evaluation.
+
+Randomness is per batch: each batch's attacks start from a seed derived from (cfg.seed, batch
+index), so a batch's numbers do not depend on which batches ran before it. That is what lets a
+distributed evaluation (launched by torchrun, or ``distributed=True``) shard the batches round-robin
+across ranks and all-reduce the per-point flags, and still give exactly the single-process result
+(on the CPU; on GPUs up to the convolution algorithms each device picks).
 """
 from __future__ import annotations
 
@@ -31,12 +41,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .attacks import FGSM, PGD, AutoAttack, eval_mode, weak_attack_warning
 from .config import EvalConfig
 from .report import csv_text, markdown_table, plot_lines, write_json, atomic_write_text
 
 ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD-{steps}", "autoattack": "AutoAttack"}
 LARGE_EPS_MAX_RA = 0.05
+PGD_AA_MAX_GAP = 0.05
+MAX_CLASS_SHARE = 0.5
 
 
 @dataclass
@@ -132,11 +145,38 @@ def input_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
                                       f"(<= 10% allowed), median ||grad|| {float(norms.median()):.3g}")
 
 
+def _my_batches(slices: list[slice], rank: int, world: int) -> list[tuple[int, slice]]:
+    """This rank's share of the batches: whole batches, round-robin, with their global indices."""
+    return [(i, sl) for i, sl in enumerate(slices) if i % world == rank]
+
+
+def _seed_batch(seed: int, phase: str, *index: int) -> None:
+    torch.manual_seed(dist.derive_seed(seed, "eval", phase, *index))
+
+
+def _gather_flags(flags: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """Every rank filled the entries of its own batches (zeros elsewhere): one SUM all-reduce."""
+    if world == 1 or not flags:
+        return flags
+    names = list(flags)
+    stacked = dist.all_reduce(torch.stack([flags[k].to(torch.int32) for k in names]), "sum")
+    return {k: stacked[i] > 0 for i, k in enumerate(names)}
+
+
 def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-             cfg: EvalConfig, device: str | torch.device = "cpu", progress: bool = True) -> EvalResult:
-    """Evaluate ``model`` on ``images``/``labels`` (the first ``cfg.num_samples``), in fp32, in eval mode."""
+             cfg: EvalConfig, device: str | torch.device = "cpu", progress: bool = True,
+             distributed: bool | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``images``/``labels`` (the first ``cfg.num_samples``), in fp32, in eval mode.
+
+    ``distributed`` (default: whether a process group with several ranks is initialised): every rank
+    calls this with the same model and data, attacks its round-robin share of the batches, and all
+    ranks return the same result, equal to the single-process one."""
     cfg = cfg.resolved()
     device = torch.device(device)
+    if distributed is None:
+        distributed = dist.world_size() > 1
+    rank, world = (dist.rank(), dist.world_size()) if distributed else (0, 1)
+    progress = progress and rank == 0
     torch.manual_seed(cfg.seed)
     n = len(labels) if cfg.num_samples is None else min(cfg.num_samples, len(labels))
     x_all = as_float_images(images[:n])
@@ -145,7 +185,8 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     pgd_note = weak_attack_warning(cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, f"PGD-{cfg.pgd_steps}")
     if pgd_note and "pgd" in cfg.attacks:
         notes.append(pgd_note)
-        warnings.warn(pgd_note, stacklevel=2)
+        if rank == 0:
+            warnings.warn(pgd_note, stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the weak-attack note is recorded once above
         attacks = {"fgsm": FGSM(eps=cfg.eps) if cfg.norm == "linf" else None,
@@ -155,40 +196,53 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
         notes.append("FGSM is an L-inf attack; skipped for an L2 evaluation.")
     batch_attacks = [a for a in ("fgsm", "pgd") if a in cfg.attacks and attacks.get(a) is not None]
 
-    clean = torch.zeros(n, dtype=torch.bool)
-    correct = {a: torch.zeros(n, dtype=torch.bool) for a in batch_attacks}
+    flags = {"clean": torch.zeros(n, dtype=torch.bool)}
+    preds = torch.zeros(n, dtype=torch.int64)
+    flags.update({a: torch.zeros(n, dtype=torch.bool) for a in batch_attacks})
     model = model.to(device)
     fmt = model_memory_format(model)
-    slices = _batches(n, cfg.batch_size)
-    for sl in tqdm(slices, desc="eval " + "+".join(["clean"] + batch_attacks), disable=not progress, leave=False):
+    mine = _my_batches(_batches(n, cfg.batch_size), rank, world)
+    for i, sl in tqdm(mine, desc="eval " + "+".join(["clean"] + batch_attacks), disable=not progress, leave=False):
+        _seed_batch(cfg.seed, "batch", i)
         x, y = x_all[sl].to(device, memory_format=fmt), y_all[sl].to(device)
-        clean[sl] = (predict(model, x) == y).cpu()
+        preds[sl] = predict(model, x).cpu()
+        flags["clean"][sl] = preds[sl] == y_all[sl]
         for a in batch_attacks:
-            correct[a][sl] = (predict(model, attacks[a](model, x, y)) == y).cpu()
+            flags[a][sl] = (predict(model, attacks[a](model, x, y)) == y).cpu()
+    flags = _gather_flags(flags, world)
+    if world > 1:
+        preds = dist.all_reduce(preds, "sum")  # each entry was filled by exactly one rank
+    clean = flags.pop("clean")
+    correct = flags
 
     n_aa = min(cfg.aa_samples, n) if "autoattack" in cfg.attacks else 0
     if n_aa:
         aa = AutoAttack(eps=cfg.eps, norm=cfg.norm, version=cfg.aa_version, batch_size=cfg.batch_size,
                         seed=cfg.seed, device=device, attacks=cfg.aa_attacks or None)
-        correct["autoattack"] = torch.zeros(n_aa, dtype=torch.bool)
-        for sl in tqdm(_batches(n_aa, cfg.batch_size), desc="eval AutoAttack", disable=not progress, leave=False):
-            x, y = x_all[sl].to(device), y_all[sl].to(device)
-            correct["autoattack"][sl] = (predict(model, aa(model, x, y)) == y).cpu() & clean[sl]
+        aa_flags = torch.zeros(n_aa, dtype=torch.bool)
+        mine = _my_batches(_batches(n_aa, cfg.batch_size), rank, world)
+        for i, sl in tqdm(mine, desc="eval AutoAttack", disable=not progress, leave=False):
+            x, y = x_all[sl].to(device), y_all[sl].to(device)   # AutoAttack re-seeds itself (cfg.seed) per call
+            aa_flags[sl] = (predict(model, aa(model, x, y)) == y).cpu() & clean[sl]
+        correct["autoattack"] = _gather_flags({"aa": aa_flags}, world)["aa"]
 
     ra, n_att, na_att, cond = {}, {}, {}, {}
-    for a, flags in correct.items():
-        m = len(flags)
+    for a, flags_a in correct.items():
+        m = len(flags_a)
         base = clean[:m]
-        ra[a] = float(flags.float().mean())
+        ra[a] = float(flags_a.float().mean())
         n_att[a] = m
         na_att[a] = float(base.float().mean())
-        cond[a] = float((base & ~flags).sum()) / max(int(base.sum()), 1)
+        cond[a] = float((base & ~flags_a).sum()) / max(int(base.sum()), 1)
     result = EvalResult(config=dataclasses.asdict(cfg), n=n, na=float(clean.float().mean()), ra=ra,
                         n_attacked=n_att, na_on_attacked=na_att, conditional_asr=cond, warnings=notes)
     result.checks += ordering_checks(result, clean, correct)
+    if "autoattack" in correct and "pgd" in correct:
+        result.checks.append(attack_gap_check(result, correct))
+    result.checks.append(diversity_check(preds))
     if cfg.sweep_samples and cfg.eps > 0:
         m = min(cfg.sweep_samples, n)
-        result.sweep = eps_sweep(model, x_all[:m], y_all[:m], cfg, device, progress)
+        result.sweep = eps_sweep(model, x_all[:m], y_all[:m], cfg, device, progress, rank=rank, world=world)
         result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m)
     result.checks.append(input_gradient_check(model, x_all[:cfg.batch_size].to(device, memory_format=fmt),
                                               y_all[:cfg.batch_size].to(device)))
@@ -212,25 +266,52 @@ def ordering_checks(result: EvalResult, clean: torch.Tensor, correct: dict[str, 
     return checks
 
 
+def attack_gap_check(result: EvalResult, correct: dict[str, torch.Tensor]) -> Check:
+    """AutoAttack is the reference: PGD RA far above it means PGD was too weak to trust."""
+    m = len(correct["autoattack"])
+    pgd = float(correct["pgd"][:m].float().mean())
+    aa = float(correct["autoattack"].float().mean())
+    tol = max(PGD_AA_MAX_GAP, 2 * _stderr(pgd, m))
+    detail = (f"{result.label('pgd')} RA {100 * pgd:.2f}% vs {result.label('autoattack')} RA {100 * aa:.2f}% on the "
+              f"same {m} points (gap <= {100 * tol:.2f} points allowed)")
+    if pgd - aa > tol:
+        detail += (f"; PGD overstates robustness by {100 * (pgd - aa):.1f} points: it is too weak for this model "
+                   f"(more steps or a larger step) or gradients are masked. Report AutoAttack")
+    return Check("PGD vs AutoAttack", pgd - aa <= tol, detail)
+
+
+def diversity_check(preds: torch.Tensor) -> Check:
+    counts = torch.bincount(preds)
+    top = int(counts.argmax())
+    share = float(counts[top]) / max(len(preds), 1)
+    detail = f"class {top} takes {100 * share:.1f}% of {len(preds)} clean predictions (<= {100 * MAX_CLASS_SHARE:.0f}% allowed)"
+    if share > MAX_CLASS_SHARE:
+        detail += "; the model has collapsed towards one class, so its robust accuracy measures little"
+    return Check("prediction diversity", share <= MAX_CLASS_SHARE, detail)
+
+
 def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: torch.device,
-              progress: bool) -> list[dict[str, float]]:
-    """PGD RA at multiples of eps (step size scaled with eps), plus a radius covering the whole box."""
+              progress: bool, rank: int = 0, world: int = 1) -> list[dict[str, float]]:
+    """PGD RA at multiples of eps (step size scaled with eps), plus a radius covering the whole box.
+    With ``world`` > 1 each rank attacks its round-robin share of the batches (hits all-reduced)."""
     box = 1.0 if cfg.norm == "linf" else math.sqrt(x[0].numel())
     radii = sorted({min(cfg.eps * k, box) for k in cfg.sweep_multipliers} | {box})
-    points = []
-    for eps in tqdm(radii, desc="eval eps-sweep", disable=not progress, leave=False):
+    hits = torch.zeros(len(radii), dtype=torch.int64)
+    fmt = model_memory_format(model)
+    mine = _my_batches(_batches(len(y), cfg.batch_size), rank, world)
+    for k, eps in enumerate(tqdm(radii, desc="eval eps-sweep", disable=not progress, leave=False)):
         step = cfg.pgd_step_size * eps / cfg.eps if eps < box else 2.5 * box / cfg.pgd_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pgd = PGD(eps=eps, step_size=max(step, 1e-12), steps=cfg.pgd_steps, norm=cfg.norm,
                       random_start=cfg.pgd_random_start, objective="ce")
-        hits = 0
-        fmt = model_memory_format(model)
-        for sl in _batches(len(y), cfg.batch_size):
+        for i, sl in mine:
+            _seed_batch(cfg.seed, "sweep", k, i)
             xb, yb = x[sl].to(device, memory_format=fmt), y[sl].to(device)
-            hits += int((predict(model, pgd(model, xb, yb)) == yb).sum())
-        points.append({"eps": eps, "ra": hits / len(y), "n": len(y)})
-    return points
+            hits[k] += int((predict(model, pgd(model, xb, yb)) == yb).sum())
+    if world > 1:
+        hits = dist.all_reduce(hits, "sum")
+    return [{"eps": eps, "ra": int(h) / len(y), "n": len(y)} for eps, h in zip(radii, hits)]
 
 
 def sweep_checks(sweep: list[dict[str, float]], na: float, m: int) -> list[Check]:

@@ -293,24 +293,8 @@ def smallcnn(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop:
 
 
 # ----------------------------------------------------------------------------------------------
-# WideResNet-34-10 (Zagoruyko & Komodakis 2016), the standard TRADES CIFAR-10 model.
-
-class WideBlock(_Checkpointable):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.equal = cin == cout and stride == 1
-        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.equal else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
+# WideResNet-34-10 (Zagoruyko & Komodakis 2016), the standard TRADES CIFAR-10 model: pre-activation
+# blocks, as in PreAct ResNet, three stages of widths 160, 320, 640.
 
 class WideResNet(nn.Module):
     def __init__(self, depth: int, widen: int, num_classes: int, in_chans: int):
@@ -323,7 +307,7 @@ class WideResNet(nn.Module):
         blocks, cin = [], widths[0]
         for cout, stride in zip(widths[1:], (1, 2, 2)):
             for i in range(n):
-                blocks.append(WideBlock(cin, cout, stride if i == 0 else 1))
+                blocks.append(PreActBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)

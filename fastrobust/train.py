@@ -10,10 +10,20 @@ Run folder layout (``cfg.out_dir``)::
     throughput.{md,json}   img/s, ms per step, attack/update split, peak memory, device
     curves.png, na_ra.png  training curves and NA against RA
 
-Resuming (``resume=True``) restores model, optimiser, grad scaler, EMA, every RNG state and the
-position inside the epoch (the learning rate is a function of the step). The loaders are
-deterministic in (seed, epoch, batch), so a resumed run produces the same weights as an
-uninterrupted one (bit-identical on the CPU).
+Resuming (``resume=True``) restores model, optimiser, grad scaler, EMA, every RNG state (every
+rank's, under DDP) and the position inside the epoch (the learning rate is a function of the step).
+The loaders are deterministic in (seed, epoch, batch) and the training attack's random start in
+(seed, step, sample), so a resumed run produces the same weights as an uninterrupted one
+(bit-identical on the CPU). SIGTERM (a scheduler's pre-emption, ``kill``) is handled at the next
+step boundary: a checkpoint is written and the run exits with :class:`TrainingInterrupted`
+(status 143 from the CLI); ``--resume`` continues it.
+
+Distributed (launched by ``torchrun``; see :mod:`fastrobust.distributed`): ``batch_size`` is the
+global batch, each of the N processes takes ``batch_size / N`` samples of every batch, the
+gradients are averaged by DDP, so the learning rate keeps its meaning for the global batch. The
+attacks run on the unwrapped module (eval mode, input gradients only), only the training
+forward/backward goes through DDP. Only rank 0 writes files; evaluation is sharded by whole
+batches and gives exactly the single-process numbers.
 """
 from __future__ import annotations
 
@@ -22,7 +32,9 @@ import json
 import math
 import random
 import resource
+import signal
 import statistics
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,8 +49,9 @@ from tqdm.auto import tqdm
 import loaders
 
 from . import checkpoint as ckpt_io
+from . import distributed as dist
 from .config import EvalConfig, TrainConfig
-from .errors import CheckpointError, ConfigError, NumericalError
+from .errors import CheckpointError, ConfigError, FastRobustError, NumericalError
 from .evaluate import EvalResult, evaluate, predict, save_results, results_markdown
 from .methods import MethodOutput, build_method
 from .models import create_model
@@ -52,6 +65,24 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def setup_device(name: str) -> torch.device:
+    """The device to compute on: under torchrun, join the process group first (NCCL with
+    ``cuda:LOCAL_RANK``, or gloo on the CPU); otherwise :func:`resolve_device`."""
+    if dist.launched_by_torchrun():
+        return dist.init_from_env(name)
+    return resolve_device(name)
+
+
+class TrainingInterrupted(FastRobustError):
+    """A stop signal (SIGTERM) ended training at a step boundary, after a checkpoint was written."""
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+
+
+# An fp16 overflow while the grad scaler's scale is above this is the scaler calibrating (it halves
+# the scale and retries): skipped, not counted. At or below it even unscaled gradients overflow fp16.
+MIN_HEALTHY_LOSS_SCALE = 1.0
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -158,6 +189,7 @@ class StepResult:
     attack_s: float
     update_s: float
     failure: str | None = None
+    calibrating: bool = False   # an fp16 overflow while the grad scaler is still finding its scale
 
 
 class TrainStep:
@@ -165,35 +197,70 @@ class TrainStep:
 
     Shared by the trainer and the step profiler, so what is profiled is what trains. AMP autocasts
     the forwards (bf16 by default on a GPU; fp16 uses a grad scaler); losses accumulate in fp32.
-    A non-finite loss or an fp16 overflow skips the update and is reported in ``failure``."""
+    A non-finite loss or an fp16 overflow skips the update and is reported in ``failure``.
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device):
+    Under an initialised process group with several ranks (``distributed=None`` detects it) the
+    training forward/backward runs through ``DistributedDataParallel`` (``self.train_net``); the
+    attack uses the unwrapped (possibly compiled) module ``self.net``, in eval mode with input
+    gradients only, so DDP's reducer never sees a forward without its parameter backward. Rank 0's
+    buffers (batch-norm running statistics) are broadcast before every attack, the skip decision for
+    a non-finite loss is agreed by all ranks, and ``cfg.sync_bn`` converts batch norms to SyncBatchNorm.
+
+    The attack's random start for call ``step`` (the trainer passes its global step; otherwise a
+    counter) is drawn per sample from (cfg.seed, step), independent of the sharding."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device, *, distributed: bool | None = None):
         self.cfg, self.model, self.device = cfg, model, device
+        if distributed is None:
+            distributed = dist.world_size() > 1
+        self.rank, self.world = (dist.rank(), dist.world_size()) if distributed else (0, 1)
+        if cfg.sync_bn and self.world > 1:
+            if device.type != "cuda":
+                raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm runs on GPUs only. On the CPU keep "
+                                  "per-rank batch-norm statistics (--no-sync-bn).")
+            converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if converted is not model:
+                raise ConfigError("sync_bn: the model's root module is a batch norm; wrap it in a container first.")
         self.amp = amp_dtype(cfg, device)
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.method = build_method(cfg)
+        self.method.distributed = self.world > 1
         self.net = compile_model(model, cfg) if cfg.compile else model
+        self.train_net = self.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            # Buffers are broadcast once per step by hand (before the attack), not at every forward.
+            self.train_net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     broadcast_buffers=False)
+        self.calls = 0
 
     def autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, step: int | None = None) -> StepResult:
+        step = self.calls if step is None else step
+        self.calls = step + 1
         t0 = time.perf_counter()
+        if self.world > 1:
+            dist.broadcast_buffers(self.model)
+        start = self.method.start(x, step, self.rank, self.world)
         with self.autocast():
-            adv = self.method.attack(self.net, x, y)
+            adv = self.method.attack(self.net, x, y, start=start)
         _sync(self.device)
         t1 = time.perf_counter()
         self.model.train()
         with self.autocast():
-            out = self.method.loss(self.net, x, y, adv)
+            out = self.method.loss(self.train_net, x, y, adv)
         loss = out.loss.float()
         value = float(loss.detach())
-        if not math.isfinite(value):
+        bad_here = not math.isfinite(value)
+        if dist.any_flag(bad_here) if self.world > 1 else bad_here:
             self.opt.zero_grad(set_to_none=True)
-            return StepResult(value, out, t1 - t0, time.perf_counter() - t1, f"loss is {value}")
+            why = f"loss is {value}" if bad_here else "the loss is not finite on another rank"
+            return StepResult(value, out, t1 - t0, time.perf_counter() - t1, why)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -202,27 +269,45 @@ class TrainStep:
         _sync(self.device)
         t2 = time.perf_counter()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
-            return StepResult(value, out, t1 - t0, t2 - t1, "fp16 gradients overflowed (the grad scaler skipped the step)")
+            # DDP has averaged the gradients, so every rank sees the same overflow
+            return StepResult(value, out, t1 - t0, t2 - t1,
+                              f"fp16 gradients overflowed at loss scale {scale_before:g} (the grad scaler skipped the "
+                              f"step and lowered the scale to {self.scaler.get_scale():g})",
+                              calibrating=scale_before > MIN_HEALTHY_LOSS_SCALE)
         return StepResult(value, out, t1 - t0, t2 - t1)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
-        self.device = resolve_device(cfg.device)
+        self.device = setup_device(cfg.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        if cfg.batch_size % self.world:
+            lo, hi = cfg.batch_size // self.world * self.world, -(-cfg.batch_size // self.world) * self.world
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the number "
+                              f"of processes ({self.world}); use {hi}" + (f" or {lo}" if lo else "") +
+                              " (the learning rate is meant for the global batch).")
+        self.rank_batch = cfg.batch_size // self.world
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        _check_writable(self.out)
+        dist.on_main(_check_writable, self.out)
         self.channels_last = cfg.channels_last
         seed_everything(cfg.seed)
 
         # A compiled step specialises on the batch shape: drop the last partial batch rather than
         # recompile for it (fewer than batch_size samples per epoch go unseen, a different subset each epoch).
-        self.loader = loaders.build(cfg.dataset, "train", cfg.batch_size, self.device, backend=cfg.loader,
+        # Under DDP each rank loads its shard (DistributedSampler order) of every global batch.
+        self.loader = loaders.build(cfg.dataset, "train", self.rank_batch, self.device, backend=cfg.loader,
                                     seed=cfg.seed, data_dir=cfg.data_dir, limit=cfg.train_limit,
-                                    drop_last=True if cfg.compile else None, beton_dir=cfg.beton_dir)
+                                    drop_last=True if cfg.compile else None, beton_dir=cfg.beton_dir,
+                                    rank=self.rank, world_size=self.world)
         self.test = loaders.load_arrays(cfg.dataset, "test", cfg.data_dir)
         self.model = create_model(cfg.model, dataset=cfg.dataset).to(self.device)
+        if cfg.dropout is not None:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.p = cfg.dropout
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -237,12 +322,18 @@ class Trainer:
         if cfg.ema_decay:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if self.rank:
+            # Identical weights everywhere (same seed; DDP also broadcasts rank 0's), but each rank
+            # draws its own dropout masks. Rank 0 keeps the single-process stream.
+            seed_everything(dist.derive_seed(cfg.seed, "rank", self.rank) % 2**32)
         self.epoch, self.batch, self.global_step = 0, 0, 0
         self.best_ra = -1.0
         self.history: list[dict[str, Any]] = []
         self.times = StepTimes()
         self.bad_steps = 0
         self.stop_requested = False
+        self.stop_signal: str | None = None
+        self.phase = "setup"
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -251,31 +342,66 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "rng": rng_state(), "epoch": self.epoch, "batch": self.batch, "global_step": self.global_step,
                 "best_ra": self.best_ra, "history": json.dumps(self.history), "config": self.cfg.to_dict(),
-                "bad_steps": self.bad_steps}
+                "bad_steps": self.bad_steps, "world_size": self.world}
 
     def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint (rank 0, atomically) and return its path; every rank returns once it is
+        on disk, or raises rank 0's error. A collective under DDP: all ranks call it at the same step."""
         path = self.ckpt_dir / (name or f"step-{self.global_step:08d}.pt")
-        ckpt_io.atomic_save(self.state_dict(), path)
-        if name is None:
-            ckpt_io.prune(self.ckpt_dir, keep=2)
-        return path
+        rng_ranks = dist.all_gather_object(rng_state()) if self.world > 1 else None
+
+        def write() -> Path:
+            state = self.state_dict()
+            if rng_ranks is not None:
+                state["rng_ranks"] = rng_ranks
+            ckpt_io.atomic_save(state, path)
+            if name is None:
+                ckpt_io.prune(self.ckpt_dir, keep=2)
+            return path
+
+        return dist.on_main(write)
 
     def restore(self) -> bool:
-        found = ckpt_io.newest_valid(self.ckpt_dir)
-        if found is None:
+        """Resume from the newest loadable step checkpoint (corrupt ones are reported and skipped).
+        Rank 0 chooses the file; every rank loads that same file (out_dir must be on a filesystem
+        all nodes see)."""
+        loaded: dict[str, Any] = {}
+
+        def choose() -> str | None:
+            ckpt_io.clean_stale_temporaries(self.ckpt_dir)
+            found = ckpt_io.newest_valid(self.ckpt_dir)
+            if found is None:
+                return None
+            loaded["ck"] = found[1]
+            return str(found[0])
+
+        chosen = dist.on_main(choose)
+        if chosen is None:
             return False
-        path, ck = found
+        path = Path(chosen)
+        ck = loaded.get("ck") or ckpt_io.load_checkpoint(path)
         ckpt_io.check_spec(ck["spec"], self.model.spec, path)
         ckpt_io.load_weights(self.model, ck["model"], path)
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
             self.ema.load_state_dict(ck["ema"])
-        set_rng_state(ck["rng"])
+        saved_world = ck.get("world_size", 1)
+        if ck.get("rng_ranks") is not None and len(ck["rng_ranks"]) == self.world:
+            set_rng_state(ck["rng_ranks"][self.rank])
+        elif self.rank == 0:
+            set_rng_state(ck["rng"])
+        if saved_world != self.world and self.main:
+            warnings.warn(f"{path} was written by a run with {saved_world} process(es), this one has {self.world}: "
+                          f"training continues with the same global batch, but the dropout streams of ranks > 0 "
+                          f"differ, so the result is not bit-identical to an uninterrupted run.", stacklevel=2)
         self.epoch, self.batch, self.global_step = ck["epoch"], ck["batch"], ck["global_step"]
         self.best_ra, self.history = ck["best_ra"], json.loads(ck["history"])
         self.bad_steps = ck.get("bad_steps", 0)
-        print(f"resumed from {path} at epoch {self.epoch}, batch {self.batch} (step {self.global_step})")
+        if self.batch > self.steps_per_epoch:
+            raise CheckpointError(f"{path} stopped at batch {self.batch} of an epoch that now has {self.steps_per_epoch} "
+                                  f"batches: resume with the same batch_size, train_limit and data.")
+        dist.print0(f"resumed from {path} at epoch {self.epoch}, batch {self.batch} (step {self.global_step})")
         return True
 
     # -- one step ---------------------------------------------------------------------------------
@@ -288,15 +414,15 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any] | None:
         self.set_lr()
-        res = self.stepper(x, y)
+        res = self.stepper(x, y, step=self.global_step)
         if res.failure:
-            return self._bad_step(res.failure)
+            return self._bad_step(res)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.bad_steps = 0
         self.times.attack.append(res.attack_s)
         self.times.update.append(res.update_s)
-        self.times.images.append(len(y))
+        self.times.images.append(len(y) * self.world)
         record = {"loss": res.loss}
         if self.global_step % self.cfg.log_every == 0:
             out = res.output
@@ -305,18 +431,61 @@ class Trainer:
             record["train_acc"] = float((logits.argmax(1) == y).float().mean())
             if out.logits_adv is not None:
                 record["train_adv_acc"] = float((out.logits_adv.argmax(1) == y).float().mean())
+            if self.world > 1:
+                # loss and accuracies over the global batch (the other statistics are rank 0's)
+                keys = [k for k in ("loss", "train_acc", "train_adv_acc") if k in record]
+                means = dist.all_reduce(torch.tensor([record[k] for k in keys], dtype=torch.float64), "sum") / self.world
+                record.update({k: float(v) for k, v in zip(keys, means)})
         return record
 
-    def _bad_step(self, why: str) -> None:
-        self.bad_steps += 1
+    def _bad_step(self, res: StepResult) -> None:
         self.opt.zero_grad(set_to_none=True)
-        warnings.warn(f"step {self.global_step}: {why}; step skipped ({self.bad_steps} in a row)", stacklevel=2)
+        if res.calibrating:
+            warnings.warn(f"step {self.global_step}: {res.failure}; step skipped (the scaler is still calibrating, "
+                          f"not counted as a bad step)", stacklevel=2)
+            return None
+        self.bad_steps += 1
+        warnings.warn(f"step {self.global_step}: {res.failure}; step skipped ({self.bad_steps} in a row)", stacklevel=2)
         if self.bad_steps >= self.cfg.max_bad_steps:
             path = self.save()
             raise NumericalError(
-                f"{self.bad_steps} consecutive non-finite steps ({why}). Training stopped; the last good state is in "
-                f"{path}. Lower the learning rate, use --amp off (fp32) or bf16 instead of fp16, and check the data.")
+                f"{self.bad_steps} consecutive bad steps ({res.failure}). Training stopped; the last good state "
+                f"is in {path}. Lower the learning rate, use --amp off (fp32) or bf16 instead of fp16, and check the data.")
         return None
+
+    # -- stop signals -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stop_on_signals(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        """While training, SIGTERM only sets a flag; the loop checks it at the next step boundary (all
+        ranks agree through an all-reduce), writes a checkpoint and raises TrainingInterrupted.
+        Outside the training loop (setup, final evaluation) it raises at once: nothing to save."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+            self.stop_requested = True
+            if self.phase != "train":
+                raise TrainingInterrupted(f"stopped by {self.stop_signal} during {self.phase}; the newest checkpoint in "
+                                          f"{self.ckpt_dir} is intact. Resume with --resume.")
+
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def check_stop(self, saved: Path | None = None) -> None:
+        """At a step boundary: if any rank was asked to stop, checkpoint here (unless ``saved`` already
+        holds this state) and raise TrainingInterrupted."""
+        if not (dist.any_flag(self.stop_requested) if self.world > 1 else self.stop_requested):
+            return
+        path = saved or self.save()
+        why = self.stop_signal or "a stop signal on another rank"
+        raise TrainingInterrupted(f"stopped by {why} at epoch {self.epoch}, batch {self.batch} (step {self.global_step}); "
+                                  f"checkpoint written to {path}. Run the same command with --resume to continue.")
 
     # -- the loop ---------------------------------------------------------------------------------
     def validate_epoch(self) -> dict[str, float]:
@@ -329,32 +498,46 @@ class Trainer:
                         aa_samples=0, batch_size=cfg.eval.batch_size, sweep_samples=0, seed=cfg.seed)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = evaluate(self.eval_model(), self.test.images, self.test.labels, ev, self.device, progress=False)
+            r = evaluate(self.eval_model(), self.test.images, self.test.labels, ev, self.device, progress=False,
+                         distributed=self.world > 1)
         return {"val_na": r.na, "val_pgd_ra": r.ra["pgd"], "val_n": n}
 
     def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        model = self.ema.module if self.ema is not None else self.model
+        if self.world > 1:
+            dist.broadcast_buffers(model)  # per-rank batch-norm statistics: evaluate rank 0's everywhere
+        return model
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def fit(self) -> dict[str, Any]:
+        with self.stop_on_signals():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             self.restore()
-        elif (self.out / "log.jsonl").exists():
+        elif self.main and (self.out / "log.jsonl").exists():
             (self.out / "log.jsonl").unlink()
-        write_json(self.out / "manifest.json", manifest(cfg.to_dict(), device=self.device, seed=cfg.seed,
-                                                        loader=getattr(self.loader, "backend", cfg.loader),
-                                                        kernels=cfg.kernels))
+        if self.main:
+            write_json(self.out / "manifest.json", manifest(
+                cfg.to_dict(), device=self.device, seed=cfg.seed, loader=getattr(self.loader, "backend", cfg.loader),
+                kernels=cfg.kernels, distributed={"world_size": self.world, "per_rank_batch": self.rank_batch,
+                                                  "backend": dist.backend()}))
+        self.phase = "train"
         while self.epoch < cfg.epochs:
             epoch_start = time.perf_counter()
             self.loader.set_epoch(self.epoch, start_batch=self.batch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not cfg.progress, leave=False)
+                       disable=not (cfg.progress and self.main), leave=False)
             for x, y in self.loader:
+                self.check_stop()
                 if not self.channels_last:
                     x = x.contiguous()  # the loaders deliver NHWC; match the model's layout
                 record = self.step(x, y)
@@ -378,32 +561,40 @@ class Trainer:
             if val and val["val_pgd_ra"] > self.best_ra:
                 self.best_ra = val["val_pgd_ra"]
                 self.save("best.pt")
-            self.save()
-            if cfg.progress:
+            saved = self.save()
+            if cfg.progress and self.main:
                 print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                                                         if k in ("val_na", "val_pgd_ra", "img_per_s", "epoch_seconds")))
-        self.save("final.pt")
+            self.check_stop(saved)
+        final = self.save("final.pt")
+        self.check_stop(final)
+        self.phase = "final evaluation"
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.write_history()
+        if self.main:
+            self.write_history()
         throughput = self.times.report(self.device)
         throughput.update(method=cfg.method, model=cfg.model, dataset=cfg.dataset, batch_size=cfg.batch_size,
-                          amp=str(self.stepper.amp), compile=cfg.compile, kernels=cfg.kernels)
-        write_json(self.out / "throughput.json", throughput)
-        atomic_write_text(self.out / "throughput.md", throughput_markdown({cfg.method: throughput}))
+                          amp=str(self.stepper.amp), compile=cfg.compile, kernels=cfg.kernels, world_size=self.world)
+        if self.main:
+            write_json(self.out / "throughput.json", throughput)
+            atomic_write_text(self.out / "throughput.md", throughput_markdown({cfg.method: throughput}))
         summary: dict[str, Any] = {"out_dir": str(self.out), "throughput": throughput, "history": self.history}
         if cfg.final_eval:
             result = evaluate(self.eval_model(), self.test.images, self.test.labels, cfg.eval, self.device,
-                              progress=cfg.progress)
+                              progress=cfg.progress and self.main, distributed=self.world > 1)
             name = f"{cfg.dataset}_{cfg.method}_{cfg.model}"
-            save_results({name: result}, self.out, manifest(cfg.to_dict(), device=self.device, seed=cfg.seed,
-                                                            checkpoint=str(self.ckpt_dir / "final.pt"),
-                                                            checkpoint_sha256=_sha256(self.ckpt_dir / "final.pt")))
-            plot_scatter(self.out / "na_ra.png", {name: (100 * result.na, 100 * result.ra.get("pgd", float("nan")))},
-                         xlabel="natural accuracy (%)", ylabel="PGD robust accuracy (%)", title="NA against RA")
+            if self.main:
+                save_results({name: result}, self.out, manifest(cfg.to_dict(), device=self.device, seed=cfg.seed,
+                                                                checkpoint=str(self.ckpt_dir / "final.pt"),
+                                                                checkpoint_sha256=_sha256(self.ckpt_dir / "final.pt"),
+                                                                world_size=self.world))
+                plot_scatter(self.out / "na_ra.png", {name: (100 * result.na, 100 * result.ra.get("pgd", float("nan")))},
+                             xlabel="natural accuracy (%)", ylabel="PGD robust accuracy (%)", title="NA against RA")
             summary["eval"] = result
+        dist.barrier()  # rank 0's files are complete when train() returns on any rank
         return summary
 
     def write_history(self) -> None:

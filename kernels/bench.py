@@ -8,7 +8,9 @@ implementation: the inputs read once plus the outputs written once (e.g. for a l
 both logit tensors, the labels and per-sample vectors, the two gradient tensors and the loss), so the
 GB/s columns compare implementations on one scale.
 
-On a machine without CUDA ``run`` prints a one-line notice and returns [].
+On a machine without CUDA ``run`` prints a one-line notice and returns []. ``deadline`` (a
+``time.monotonic()`` value) bounds the whole run: cases that would start after it are reported with
+``status`` "skipped: time budget" and no timings (``fastrobust.gpu_suite`` runs it under a budget).
 """
 from __future__ import annotations
 
@@ -99,9 +101,26 @@ def _compiled(fn: Callable) -> Optional[Callable]:
         return None
 
 
+BUDGET_SKIP = "skipped: time budget"
+
+
+def _out_of_time(deadline: Optional[float]) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _skipped_row(label: str, shape: str, dtype, nbytes: int) -> dict:
+    row = {"op": label, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes,
+           "status": BUDGET_SKIP, "speedup_vs_eager": None, "speedup_vs_compiled": None}
+    for name in ("triton", "eager", "compiled"):
+        row[f"{name}_us"] = row[f"{name}_gbps"] = None
+    return row
+
+
 def _measure(timer, label: str, shape: str, dtype, nbytes: int, impls: dict, iters: int, repeats: int,
-             warmup: int) -> dict:
-    row = {"op": label, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes}
+             warmup: int, deadline: Optional[float] = None) -> dict:
+    if _out_of_time(deadline):
+        return _skipped_row(label, shape, dtype, nbytes)
+    row = {"op": label, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "status": "ok"}
     for name, fn in impls.items():
         us = None
         if fn is not None:
@@ -118,7 +137,8 @@ def _measure(timer, label: str, shape: str, dtype, nbytes: int, impls: dict, ite
 
 
 def _run(device: str, batch_sizes: Iterable[int], num_classes: Iterable[int], iters: int, repeats: int,
-         warmup: int, dtype: torch.dtype, timer, compile_reference: bool) -> list[dict]:
+         warmup: int, dtype: torch.dtype, timer, compile_reference: bool,
+         deadline: Optional[float] = None) -> list[dict]:
     from . import ops
 
     rows = []
@@ -128,19 +148,20 @@ def _run(device: str, batch_sizes: Iterable[int], num_classes: Iterable[int], it
             for label, ref_fn, kernel_fn, args, nbytes in cases:
                 impls = {"triton": _with_backward(kernel_fn, args), "eager": _with_backward(ref_fn, args),
                          "compiled": None}
-                if compile_reference:
+                if compile_reference and not _out_of_time(deadline):
                     cfn = _compiled(ref_fn)
                     impls["compiled"] = _with_backward(cfn, args) if cfn is not None else None
-                rows.append(_measure(timer, label, f"{B}x{C}", dtype, nbytes, impls, iters, repeats, warmup))
+                rows.append(_measure(timer, label, f"{B}x{C}", dtype, nbytes, impls, iters, repeats, warmup,
+                                     deadline))
             zd, zad = z.detach(), za.detach()
             head_bytes = _nbytes(zd, zad, y) + B * (7 * 4 + 8)
             impls = {"triton": lambda: ops.loss_head(zd, zad, y), "eager": lambda: R.loss_head(zd, zad, y),
                      "compiled": None}
-            if compile_reference:
+            if compile_reference and not _out_of_time(deadline):
                 cfn = _compiled(lambda a, b: R.loss_head(a, b, y))
                 impls["compiled"] = (lambda: cfn(zd, zad)) if cfn is not None else None
             rows.append(_measure(timer, "loss_head fwd", f"{B}x{C}", dtype, head_bytes, impls, iters, repeats,
-                                 warmup))
+                                 warmup, deadline))
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.rand(PGD_SHAPE, generator=g).to(device)
     xa = (x + 0.01 * torch.randn(PGD_SHAPE, generator=g).to(device)).clamp(0, 1)
@@ -149,25 +170,29 @@ def _run(device: str, batch_sizes: Iterable[int], num_classes: Iterable[int], it
     for norm, eps, step in (("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.1)):
         impls = {"triton": lambda: ops.pgd_step(xa, grad, x, step, eps, norm),
                  "eager": lambda: R.pgd_step(xa, grad, x, step, eps, norm), "compiled": None}
-        if compile_reference:
+        if compile_reference and not _out_of_time(deadline):
             cfn = _compiled(lambda a, b, c: R.pgd_step(a, b, c, step, eps, norm))
             impls["compiled"] = (lambda: cfn(xa, grad, x)) if cfn is not None else None
         rows.append(_measure(timer, f"pgd_step {norm}", "x".join(map(str, PGD_SHAPE)), torch.float32, pgd_bytes,
-                             impls, iters, repeats, warmup))
+                             impls, iters, repeats, warmup, deadline))
     return rows
 
 
 def run(device: str = "cuda", batch_sizes=(128, 512), num_classes=(10, 100), iters: int = 50,
-        repeats: int = 7, warmup: int = 10, dtype: torch.dtype = torch.float32) -> list[dict]:
+        repeats: int = 7, warmup: int = 10, dtype: torch.dtype = torch.float32, *,
+        compile_reference: bool = True, deadline: Optional[float] = None) -> list[dict]:
     """Benchmark the kernels on ``device``; one dict per (op, shape) with ``{impl}_us`` / ``{impl}_gbps``
-    for impl in triton / eager / compiled and the speedups. Without CUDA: prints a notice, returns []."""
+    for impl in triton / eager / compiled, the speedups and ``status`` ("ok", or "skipped: time budget"
+    for cases past ``deadline``, a ``time.monotonic()`` value). ``compile_reference=False`` leaves out
+    the ``torch.compile``d references (their compilation takes most of the run's time).
+    Without CUDA: prints a notice, returns []."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         print(CPU_NOTICE)
         return []
     with torch.cuda.device(dev):
         return _run(device, batch_sizes, num_classes, iters, repeats, warmup, dtype, _cuda_timer,
-                    compile_reference=True)
+                    compile_reference=compile_reference, deadline=deadline)
 
 
 def _fmt(v, spec: str) -> str:
@@ -179,12 +204,15 @@ def format_markdown(rows: list[dict]) -> str:
     header = ("| op | shape | dtype | triton us | eager us | compiled us | triton GB/s | eager GB/s | "
               "compiled GB/s | x eager | x compiled |")
     lines = [header, "|" + "---|" * 11]
+    skipped = sum(1 for r in rows if r.get("status", "ok") != "ok")
     for r in rows:
         lines.append("| " + " | ".join([
             r["op"], r["shape"], r["dtype"],
             _fmt(r.get("triton_us"), ".1f"), _fmt(r.get("eager_us"), ".1f"), _fmt(r.get("compiled_us"), ".1f"),
             _fmt(r.get("triton_gbps"), ".1f"), _fmt(r.get("eager_gbps"), ".1f"), _fmt(r.get("compiled_gbps"), ".1f"),
             _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("speedup_vs_compiled"), ".2f")]) + " |")
+    if skipped:
+        lines.append(f"\n{skipped} case(s) not measured: {BUDGET_SKIP}.")
     return "\n".join(lines)
 
 

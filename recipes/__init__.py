@@ -6,6 +6,10 @@ A cell is (dataset, method, arch); a profile fills in the protocol:
               lambda scaled so its batch mean equals TRADES' beta 6.
   smoke       real data, a small subset and two epochs: a whole recipe in minutes on a 2-core CPU;
               the default without a GPU.
+
+Every recipe runs distributed when launched by torchrun (``torchrun --nproc_per_node 8 -m
+recipes.cifar10_dtrades_resnet18``): the protocol's batch size is the global batch, split across the
+processes, so the learning rate and the results keep their meaning (README "Scaling out").
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ def profile_overrides(profile: str, dataset: str, method: str, arch: str) -> dic
         if arch != "smallcnn" and dataset == "mnist":
             small.update(train_limit=256, batch_size=64, val_samples=32, eval=cpu_sized)
         base.update(epochs=2, lr_schedule="constant", log_every=1, **small)
+        if dataset == "cifar10" or arch != "smallcnn":
+            # Eight steps from scratch at the protocol's lr 0.1 collapse ResNet-18/VGG-16 to one class
+            # (measured: NA 6-8%, below chance); at 0.01 they learn (NA ~19% after one smoke epoch).
+            base.update(lr=0.01)
         if method == "faal":
             base.pop("init_checkpoint", None)
         return base
@@ -83,18 +91,23 @@ def make_config(dataset: str, method: str, arch: str, profile: str, root: str | 
     values.update(overrides or {})
     ev = values.pop("eval", {})
     values.setdefault("out_dir", str(run_dir(dataset, method, arch, profile, root)))
-    cfg = TrainConfig(**values)
-    cfg.eval = dataclasses.replace(EvalConfig(dataset=dataset), **ev)
+    if not isinstance(ev, dict):
+        from fastrobust.errors import ConfigError
+        raise ConfigError(f"eval overrides must be a mapping of evaluation options, got {ev!r}")
+    # from_dict: an unknown key is a ConfigError with suggestions (the eval options included)
+    cfg = TrainConfig.from_dict({**values, "eval": {**dataclasses.asdict(EvalConfig(dataset=dataset)), **ev}})
     return cfg.validate()
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     import ast
+
+    from fastrobust.errors import ConfigError
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. --set epochs=2), got {item!r}")
         try:
             out[key.strip().replace("-", "_")] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -116,23 +129,32 @@ def main(dataset: str, method: str, arch: str, argv: Sequence[str] | None = None
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any TrainConfig field")
     ns = parser.parse_args(argv)
+    from fastrobust import distributed as dist
+    from fastrobust.cli import one_line
+    from fastrobust.errors import FastRobustError
+    from fastrobust.train import TrainingInterrupted
     profile = ns.profile or ("paper" if torch.cuda.is_available() else "smoke")
     if ns.profile is None:
-        print(f"profile: {profile} ({'a GPU is available' if profile == 'paper' else 'no GPU: CPU-feasible smoke run'};"
-              f" pass --profile to choose)")
-    overrides = {"device": ns.device, "resume": ns.resume, **_parse_set(ns.set)}
-    if ns.data_dir:
-        overrides["data_dir"] = ns.data_dir
+        dist.print0(f"profile: {profile} ({'a GPU is available' if profile == 'paper' else 'no GPU: CPU-feasible smoke run'};"
+                    f" pass --profile to choose)")
     methods = [method] + [m for m in ns.compare.split(",") if m and m != method]
-    from fastrobust.errors import FastRobustError
     try:
+        overrides = {"device": ns.device, "resume": ns.resume, **_parse_set(ns.set)}
+        if ns.data_dir:
+            overrides["data_dir"] = ns.data_dir
         return run_cells([(dataset, m, arch) for m in methods], profile, ns.runs, overrides)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except FastRobustError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
 
 
 def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, overrides: dict[str, Any]) -> int:
+    from fastrobust import distributed as dist
     from fastrobust.evaluate import results_markdown, save_results
     from fastrobust.report import atomic_write_text, plot_scatter
     from fastrobust.train import throughput_markdown, train
@@ -140,12 +162,14 @@ def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | P
     results, throughput = {}, {}
     for dataset, method, arch in cells:
         cfg = make_config(dataset, method, arch, profile, root, overrides)
-        print(f"== {method} / {arch} / {dataset} ({profile}) -> {cfg.out_dir}")
+        dist.print0(f"== {method} / {arch} / {dataset} ({profile}) -> {cfg.out_dir}")
         summary = train(cfg)
         name = f"{dataset}_{method}_{arch}"
         throughput[name] = summary["throughput"]
         if "eval" in summary:
             results[name] = summary["eval"]
+    if not dist.is_main():  # rank 0 writes and prints the comparison
+        return 0
     if results:
         print(results_markdown(results))
     print(throughput_markdown(throughput))

@@ -3,6 +3,16 @@
     python -m recipes.paper_tables                       # collect runs/<cell>/<profile>/results.json
     python -m recipes.paper_tables --run-missing         # train the missing cells here, one after another
     python -m recipes.paper_tables --emit-jobs jobs/     # one launch line per missing cell + a SLURM array
+    python -m recipes.paper_tables --emit-jobs jobs/ --nproc-per-node 4 --nnodes 2   # torchrun, 2 x 4 GPUs a cell
+
+Emitted jobs: ``jobs_<profile>.sh`` holds one shell line per missing cell (``python -m recipes.<cell>``,
+or ``torchrun`` with several GPUs: ``--standalone`` on one node; with ``--nnodes`` > 1 a c10d
+rendezvous at ``$MASTER_ADDR:$MASTER_PORT``, the same line started once on every node).
+``jobs_<profile>.slurm`` is a SLURM array over those lines: each task sets the rendezvous from its
+node list, starts the line on every node with ``srun``, and when SLURM signals the time limit
+(``--signal=B:TERM@300``) forwards SIGTERM, so training checkpoints and exits, and requeues itself;
+every line has ``--resume``. The batch size in the recipes is the global batch, so the results do not
+depend on the number of GPUs. There is no scheduler of our own.
 
 Tables (numbers in %, one row per method):
   6.1 / 6.2  CIFAR-10 NA and RA (FGSM, PGD-20, AutoAttack), ResNet-18 / VGG-16
@@ -76,32 +86,74 @@ def tables(found: dict, profile: str) -> str:
     return "\n".join(out)
 
 
-def launch_line(cell: tuple[str, str, str], profile: str, root: str, nproc: int) -> str:
+def launch_line(cell: tuple[str, str, str], profile: str, root: str, nproc: int, nnodes: int = 1,
+                rdzv_port: int = 29500) -> str:
+    """The shell command that trains one cell: python (1 GPU), torchrun --standalone (1 node), or
+    torchrun with a c10d rendezvous (several nodes: run it on each, with MASTER_ADDR set)."""
     module = f"recipes.{'_'.join(cell)}"
     args = f"--profile {profile} --runs {shlex.quote(root)} --resume"
+    if nnodes > 1:
+        return (f"torchrun --nnodes {nnodes} --nproc_per_node {nproc} --rdzv_backend c10d "
+                f'--rdzv_endpoint "${{MASTER_ADDR:?set MASTER_ADDR to the first node}}:${{MASTER_PORT:-{rdzv_port}}}" '
+                f'--rdzv_id "${{RDZV_ID:-{"_".join(cell)}}}" -m {module} {args}')
     if nproc > 1:
         return f"torchrun --standalone --nproc_per_node {nproc} -m {module} {args}"
     return f"python -m {module} {args}"
 
 
-def emit_jobs(missing: list[tuple[str, str, str]], profile: str, root: str, out: Path, nproc: int) -> list[Path]:
+def emit_jobs(missing: list[tuple[str, str, str]], profile: str, root: str, out: Path, nproc: int,
+              nnodes: int = 1, time_limit: str = "24:00:00", rdzv_port: int = 29500) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    lines = [launch_line(c, profile, root, nproc) for c in missing]
+    lines = [launch_line(c, profile, root, nproc, nnodes, rdzv_port) for c in missing]
     jobs = out / f"jobs_{profile}.sh"
-    jobs.write_text("#!/usr/bin/env bash\n# One line per missing cell; run them anywhere, in any order.\n" + "\n".join(lines) + "\n")
+    where = (f"on each of {nnodes} nodes with MASTER_ADDR=<first node> (and MASTER_PORT, RDZV_ID) set"
+             if nnodes > 1 else "anywhere, in any order")
+    jobs.write_text("#!/usr/bin/env bash\n"
+                    f"# One line per missing cell ({nnodes} node(s) x {nproc} GPU(s) each); run each {where}.\n"
+                    "# --resume: a line started again continues from its newest checkpoint.\n"
+                    + "\n".join(lines) + "\n")
     slurm = out / f"jobs_{profile}.slurm"
-    slurm.write_text(
-        "#!/usr/bin/env bash\n"
-        f"#SBATCH --job-name=fastrobust-{profile}\n"
-        f"#SBATCH --array=0-{max(len(lines) - 1, 0)}\n"
-        f"#SBATCH --gpus-per-task={nproc}\n#SBATCH --cpus-per-task={8 * nproc}\n#SBATCH --time=24:00:00\n"
-        "#SBATCH --output=slurm-%A_%a.out\n"
-        "# Each array task runs one missing cell; --resume makes requeued tasks continue where they stopped.\n"
-        "set -euo pipefail\n"
-        f"mapfile -t JOBS < <(grep -v '^#' {shlex.quote(str(jobs.resolve()))})\n"
-        'eval "${JOBS[$SLURM_ARRAY_TASK_ID]}"\n')
+    slurm.write_text(SLURM_TEMPLATE.format(
+        profile=profile, last=max(len(lines) - 1, 0), nnodes=nnodes, nproc=nproc, cpus=8 * nproc,
+        time=time_limit, port=rdzv_port, jobs_name=jobs.name, jobs_path=shlex.quote(str(jobs.resolve()))))
     jobs.chmod(0o755)
     return [jobs, slurm]
+
+
+# "wait" returns early when the trap runs, hence the loop; the trap forwards SIGTERM to srun, which
+# passes it to torchrun / python on every node, and training checkpoints at its next step.
+SLURM_TEMPLATE = """#!/usr/bin/env bash
+#SBATCH --job-name=fastrobust-{profile}
+#SBATCH --array=0-{last}
+#SBATCH --nodes={nnodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={nproc}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --signal=B:TERM@300
+#SBATCH --requeue
+#SBATCH --output=slurm-%A_%a.out
+# Array task i trains line i of {jobs_name} on {nnodes} node(s) x {nproc} GPU(s). 300 s before the time
+# limit SLURM sends SIGTERM: it is forwarded to training, which writes a checkpoint at its next step
+# and exits; the task then requeues itself, and --resume continues from that checkpoint.
+set -uo pipefail
+mapfile -t JOBS < <(grep -v -e '^#' -e '^$' {jobs_path})
+CMD="${{JOBS[$SLURM_ARRAY_TASK_ID]}}"
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR MASTER_PORT="${{MASTER_PORT:-{port}}}" RDZV_ID="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+echo "task $SLURM_ARRAY_TASK_ID on $SLURM_JOB_NODELIST: $CMD"
+stopped=0
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$CMD" &
+child=$!
+trap 'stopped=1; kill -TERM "$child" 2>/dev/null' TERM
+wait "$child"; status=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done
+if [ "$stopped" = 1 ]; then
+  echo "time limit: training checkpointed (status $status); requeueing"
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+fi
+exit "$status"
+"""
 
 
 def main(argv=None) -> int:
@@ -110,7 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default=None, help="where tables.md goes (default: <runs>/paper_tables_<profile>.md)")
     p.add_argument("--emit-jobs", metavar="DIR", default=None, help="write launch commands for the missing cells")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per job in emitted commands (torchrun when > 1)")
+    p.add_argument("--nproc-per-node", type=_positive, default=1,
+                   help="GPUs per node in emitted commands (torchrun when > 1)")
+    p.add_argument("--nnodes", type=_positive, default=1,
+                   help="nodes per job in emitted commands (torchrun with a c10d rendezvous when > 1)")
+    p.add_argument("--rdzv-port", type=_positive, default=29500, help="rendezvous port on the first node (--nnodes > 1)")
+    p.add_argument("--time", default="24:00:00", help="SLURM time limit per job in the emitted array")
     p.add_argument("--run-missing", action="store_true", help="train the missing cells in this process")
     ns = p.parse_args(argv)
     found = load(ns.runs, ns.profile)
@@ -129,11 +186,22 @@ def main(argv=None) -> int:
     if missing:
         print("missing runs:")
         for c in missing:
-            print("  " + launch_line(c, ns.profile, ns.runs, ns.nproc_per_node))
+            print("  " + launch_line(c, ns.profile, ns.runs, ns.nproc_per_node, ns.nnodes, ns.rdzv_port))
     if ns.emit_jobs:
-        for path in emit_jobs(missing, ns.profile, ns.runs, Path(ns.emit_jobs), ns.nproc_per_node):
+        for path in emit_jobs(missing, ns.profile, ns.runs, Path(ns.emit_jobs), ns.nproc_per_node, ns.nnodes,
+                              ns.time, ns.rdzv_port):
             print(f"wrote {path}")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Triton loss-head kernels vs the float64 reference ops (forward statistics, losses, gradients).
 
-Runs on the CPU through Triton's interpreter. Every kernel output is poisoned (NaN / -1) before
-each launch, so an element a kernel leaves unwritten fails the comparison.
+Runs on the CPU through Triton's interpreter, or compiled on a GPU with FASTROBUST_TEST_DEVICE=cuda
+(tests/test_kernels_device.py): inputs are built on the CPU, moved with ``to_dev``, and the float64
+reference runs on the CPU copies. Every kernel output is poisoned (NaN / -1) before each launch, so an
+element a kernel leaves unwritten fails the comparison.
 
 Tolerances (fp32 inputs; the reference is evaluated in float64 on the same values):
 * per-sample statistics and lambda, elementwise: ``|a - e| <= 1e-5 |e| + 1e-6``. The 1e-6 floor
@@ -15,11 +17,9 @@ Tolerances (fp32 inputs; the reference is evaluated in float64 on the same value
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / kernels are imported
-
 import zlib
+
+from test_kernels_device import DEVICE, INTERPRETED, to_dev  # before triton / kernels are imported
 
 import pytest
 import torch
@@ -32,9 +32,9 @@ RTOL = 1e-5
 STAT_ATOL = 1e-6
 GRAD_ATOL = 1e-6          # times the per-sample scale c_i / B
 # Relative error of one stored gradient element: fp16 rounds to nearest (half an ulp, 2^-11); for
-# bf16 Triton's CPU interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest), so allow a
-# full ulp, 2^-7.
-LOW_PRECISION_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}
+# bf16 Triton's CPU interpreter truncates fp32 -> bf16 casts, so allow a full ulp, 2^-7; a GPU rounds
+# to nearest, half an ulp, 2^-8.
+LOW_PRECISION_UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7 if INTERPRETED else 2.0 ** -8}
 FP16_SUBNORMAL_HALF_ULP = 2.0 ** -25
 
 
@@ -50,7 +50,8 @@ def seed_of(*parts) -> int:
 
 
 def make_case(kind: str, B: int, C: int, seed: int, dtype=torch.float32):
-    """(z, z_adv, y) in ``dtype`` plus their exact float64 copies.
+    """(z, z_adv, y) in ``dtype`` on DEVICE, for the kernels, plus the reference's inputs on the CPU:
+    the exact float64 copies of z and z_adv, and y.
 
     normal  - N(0, 1) logits with a per-row temperature in [0.2, 5] (entropies spread over the batch)
     extreme - logits of size 1e4: a mix of exactly +-1e4 and uniform values in [-1e4, 1e4]
@@ -83,7 +84,7 @@ def make_case(kind: str, B: int, C: int, seed: int, dtype=torch.float32):
     else:
         raise ValueError(kind)
     z, za = z.to(dtype), za.to(dtype)
-    return z, za, y, z.double(), za.double()
+    return to_dev(z), to_dev(za), to_dev(y), z.double(), za.double(), y
 
 
 def assert_close(actual, expected, rtol=RTOL, atol=STAT_ATOL, name=""):
@@ -105,9 +106,9 @@ def assert_grad_close(actual, expected, scale, rtol=RTOL, atol_rows=None, name="
     assert a.shape == e.shape and a.dtype == a.dtype
     assert torch.isfinite(a).all(), f"{name}: non-finite gradient (unwritten output?)"
     err = (a - e).norm(dim=1)
-    bound = rtol * e.norm(dim=1) + GRAD_ATOL * scale.double()
+    bound = rtol * e.norm(dim=1) + GRAD_ATOL * scale.double().cpu()
     if atol_rows is not None:
-        bound = bound + atol_rows
+        bound = bound + atol_rows.cpu() if torch.is_tensor(atol_rows) else bound + atol_rows
     bad = err > bound
     assert not bad.any(), (f"{name}: rows {bad.nonzero().flatten().tolist()[:8]} out of tolerance, worst "
                            f"relative {(err / e.norm(dim=1).clamp_min(1e-300)).max().item():.3e}")
@@ -138,26 +139,28 @@ def _ids(case):
 @pytest.mark.parametrize("case", SWEEP, ids=_ids)
 def test_loss_head_matches_reference(case):
     kind, B, C = case
-    z, za, y, z64, za64 = make_case(kind, B, C, seed_of("head", *case))
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed_of("head", *case))
     got = kernels.loss_head(z, za, y, 1e-12, backend="triton")
-    ref = R.loss_head(z64, za64, y, 1e-12)
+    ref = R.loss_head(z64, za64, yc, 1e-12)
     for name in R.LossHead._fields[:-1]:
         assert getattr(got, name).dtype == torch.float32
+        assert getattr(got, name).device == DEVICE
         assert_close(getattr(got, name), getattr(ref, name), name=name)
     assert got.wrong_idx.dtype == torch.int64
-    assert torch.equal(got.wrong_idx, ref.wrong_idx)
+    assert torch.equal(got.wrong_idx.cpu(), ref.wrong_idx)
     assert (got.wrong_idx != y).all()
 
 
 @pytest.mark.parametrize("B,C", [(3, 10), (128, 100), (3, 1000)])
 def test_wrong_class_ties_pick_lowest_index(B, C):
-    z, za, y, *_ = make_case("ties", B, C, seed_of("tie-idx", B, C))
+    z, za, y, *_ = make_case("ties", B, C, seed_of("tie-idx", B, C))   # on DEVICE
     got = kernels.loss_head(z, za, y, backend="triton")
     first_wrong = torch.where(y == 0, 1, 0)          # the first of the two tied maxima
     assert torch.equal(got.wrong_idx, first_wrong)
 
 
 def _weights(B, seed, weighted):
+    """Per-sample KL weights w and sample weights c, on the CPU (to_dev them for the kernels)."""
     if not weighted:
         return None, None
     g = torch.Generator().manual_seed(seed)
@@ -169,13 +172,13 @@ def _weights(B, seed, weighted):
 def test_trades_loss_and_grads(case, weighted):
     kind, B, C = case
     seed = seed_of("trades", weighted, *case)
-    z, za, y, z64, za64 = make_case(kind, B, C, seed)
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed)
     w, c = _weights(B, seed + 1, weighted)
-    kl_weight = w if weighted else 6.0
-    (lt, gz, gza) = grads(lambda a, b: kernels.trades_loss(a, b, y, kl_weight, c, backend="triton"), z, za)
+    kl_weight = to_dev(w) if weighted else 6.0
+    (lt, gz, gza) = grads(lambda a, b: kernels.trades_loss(a, b, y, kl_weight, to_dev(c), backend="triton"), z, za)
     w64 = w.double() if weighted else 6.0
     c64 = c.double() if weighted else None
-    (lr, gz_r, gza_r) = grads(lambda a, b: R.trades_loss(a, b, y, w64, c64), z64, za64)
+    (lr, gz_r, gza_r) = grads(lambda a, b: R.trades_loss(a, b, yc, w64, c64), z64, za64)
     assert lt.dtype == torch.float32 and lt.dim() == 0
     assert_close(lt, lr, atol=0.0, name="loss")
     scale = (c if weighted else torch.ones(B)) / B * 1.7
@@ -204,14 +207,14 @@ def test_mart_loss_and_grads(case, weighted):
     (:func:`mart_grad_z_terms`), which matters only for the 1e4-logit rows; the rest as documented."""
     kind, B, C = case
     seed = seed_of("mart", weighted, *case)
-    z, za, y, z64, za64 = make_case(kind, B, C, seed)
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed)
     _, c = _weights(B, seed + 1, weighted)
-    (lt, gz, gza) = grads(lambda a, b: kernels.mart_loss(a, b, y, 5.0, c, backend="triton"), z, za)
+    (lt, gz, gza) = grads(lambda a, b: kernels.mart_loss(a, b, y, 5.0, to_dev(c), backend="triton"), z, za)
     c64 = c.double() if weighted else None
-    (lr, gz_r, gza_r) = grads(lambda a, b: R.mart_loss(a, b, y, 5.0, c64), z64, za64)
+    (lr, gz_r, gza_r) = grads(lambda a, b: R.mart_loss(a, b, yc, 5.0, c64), z64, za64)
     assert_close(lt, lr, atol=0.0, name="loss")
     scale = (c if weighted else torch.ones(B)) / B * 1.7
-    terms = mart_grad_z_terms(z64, za64, y, 5.0, scale)
+    terms = mart_grad_z_terms(z64, za64, yc, 5.0, scale)
     assert_grad_close(gz, gz_r, scale, atol_rows=1e-6 * terms, name="grad z")
     assert_grad_close(gza, gza_r, scale, name="grad z_adv")
 
@@ -227,14 +230,14 @@ DTRADES_CASES = ([(k, B, C, norm) for (k, B, C) in SWEEP if k != "extreme" for n
 def test_dtrades_loss_lambda_and_grads(case):
     kind, B, C, norm = case
     seed = seed_of("dtrades", *case)
-    z, za, y, z64, za64 = make_case(kind, B, C, seed)
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed)
     g = torch.Generator().manual_seed(seed + 7)
     s = 3 * torch.rand(B, generator=g)
     c = 0.2 + torch.rand(B, generator=g) if B > 1 else None
     alpha, beta, scale = 1.3, 0.7, 2.0
-    out, gz, gza = grads(lambda a, b: kernels.dtrades_loss(a, b, y, s, alpha, beta, norm, scale, 1e-12, c,
-                                                           backend="triton"), z, za)
-    ref, gz_r, gza_r = grads(lambda a, b: R.dtrades_loss(a, b, y, s.double(), alpha, beta, norm, scale, 1e-12,
+    out, gz, gza = grads(lambda a, b: kernels.dtrades_loss(a, b, y, to_dev(s), alpha, beta, norm, scale, 1e-12,
+                                                           to_dev(c), backend="triton"), z, za)
+    ref, gz_r, gza_r = grads(lambda a, b: R.dtrades_loss(a, b, yc, s.double(), alpha, beta, norm, scale, 1e-12,
                                                          None if c is None else c.double()), z64, za64)
     loss, lam, ce, kl, ent = out
     assert_close(loss, ref[0], atol=0.0, name="loss")
@@ -255,18 +258,18 @@ def test_multi_tile_rows(kind, B, C, block_b, block_c):
     """Rows longer than one tile (online logsumexp, cross-tile argmax ties, partial last tile) and
     grids of several row blocks with a partial last block."""
     seed = seed_of("tiles", kind, B, C, block_b, block_c)
-    z, za, y, z64, za64 = make_case(kind, B, C, seed)
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed)
     with block_sizes(block_b=block_b, block_c=block_c):
         head = kernels.loss_head(z, za, y, backend="triton")
         (lt, gz, gza) = grads(lambda a, b: kernels.trades_loss(a, b, y, 6.0, backend="triton"), z, za)
         (lm, gzm, gzam) = grads(lambda a, b: kernels.mart_loss(a, b, y, 6.0, backend="triton"), z, za)
-    ref = R.loss_head(z64, za64, y)
+    ref = R.loss_head(z64, za64, yc)
     for name in R.LossHead._fields[:-1]:
         assert_close(getattr(head, name), getattr(ref, name), name=name)
-    assert torch.equal(head.wrong_idx, ref.wrong_idx)
+    assert torch.equal(head.wrong_idx.cpu(), ref.wrong_idx)
     scale = torch.full((B,), 1.7 / B)
     for fn, (l, a, b) in ((R.trades_loss, (lt, gz, gza)), (R.mart_loss, (lm, gzm, gzam))):
-        (lr, ar, br) = grads(lambda p, q: fn(p, q, y, 6.0), z64, za64)
+        (lr, ar, br) = grads(lambda p, q: fn(p, q, yc, 6.0), z64, za64)
         assert_close(l, lr, atol=0.0, name=f"{fn.__name__} loss")
         assert_grad_close(a, ar, scale, name=f"{fn.__name__} grad z")
         assert_grad_close(b, br, scale, name=f"{fn.__name__} grad z_adv")
@@ -282,13 +285,13 @@ def test_multi_tile_rows(kind, B, C, block_b, block_c):
                                       ("ties", 1, 2), ("ties", 128, 10)])
 def test_low_precision_inputs(dtype, kind, B, C):
     seed = seed_of("lowp", str(dtype), kind, B, C)
-    z, za, y, z64, za64 = make_case(kind, B, C, seed, dtype)
+    z, za, y, z64, za64, yc = make_case(kind, B, C, seed, dtype)
     head = kernels.loss_head(z, za, y, backend="triton")
-    ref = R.loss_head(z64, za64, y)
+    ref = R.loss_head(z64, za64, yc)
     for name in R.LossHead._fields[:-1]:
         assert getattr(head, name).dtype == torch.float32
         assert_close(getattr(head, name), getattr(ref, name), name=name)
-    assert torch.equal(head.wrong_idx, ref.wrong_idx)
+    assert torch.equal(head.wrong_idx.cpu(), ref.wrong_idx)
     u = LOW_PRECISION_UNIT[dtype]
     sub = (C ** 0.5) * FP16_SUBNORMAL_HALF_ULP if dtype == torch.float16 else 0.0
     scale = torch.full((B,), 1.7 / B)
@@ -296,18 +299,18 @@ def test_low_precision_inputs(dtype, kind, B, C):
     norm = "none" if kind == "extreme" else "minmax"   # see DTRADES_CASES
     for name, fn_t, fn_r in (
             ("trades", lambda a, b: kernels.trades_loss(a, b, y, 6.0, backend="triton"),
-             lambda a, b: R.trades_loss(a, b, y, 6.0)),
+             lambda a, b: R.trades_loss(a, b, yc, 6.0)),
             ("mart", lambda a, b: kernels.mart_loss(a, b, y, 6.0, backend="triton"),
-             lambda a, b: R.mart_loss(a, b, y, 6.0)),
-            ("dtrades", lambda a, b: kernels.dtrades_loss(a, b, y, s, 1.0, 1.0, norm, 3.0, backend="triton"),
-             lambda a, b: R.dtrades_loss(a, b, y, s.double(), 1.0, 1.0, norm, 3.0))):
+             lambda a, b: R.mart_loss(a, b, yc, 6.0)),
+            ("dtrades", lambda a, b: kernels.dtrades_loss(a, b, y, to_dev(s), 1.0, 1.0, norm, 3.0, backend="triton"),
+             lambda a, b: R.dtrades_loss(a, b, yc, s.double(), 1.0, 1.0, norm, 3.0))):
         lt, gz, gza = grads(fn_t, z, za)
         lr, gz_r, gza_r = grads(fn_r, z64, za64)
         if name == "dtrades":
             assert_close(lt[1], lr[1], name="dtrades lambda")
             lt, lr = lt[0], lr[0]
         if name == "mart":
-            terms = mart_grad_z_terms(z64, za64, y, 6.0, scale)
+            terms = mart_grad_z_terms(z64, za64, yc, 6.0, scale)
             sub_z = sub + 1e-6 * terms
         else:
             sub_z = sub
@@ -320,8 +323,8 @@ def test_low_precision_inputs(dtype, kind, B, C):
 
 def test_partial_requires_grad_and_strided_rows():
     """Only z_adv needs a gradient, and z_adv is a column slice of a wider tensor (row stride 16 > C)."""
-    z, za, y, z64, za64 = make_case("normal", 6, 10, seed_of("partial"))
-    wide = torch.zeros(6, 16)
+    z, za, y, z64, za64, yc = make_case("normal", 6, 10, seed_of("partial"))
+    wide = to_dev(torch.zeros(6, 16))
     wide[:, 3:13] = za
     wide.requires_grad_(True)
     za_view = wide[:, 3:13]
@@ -329,11 +332,11 @@ def test_partial_requires_grad_and_strided_rows():
     loss = kernels.trades_loss(z, za_view, y, 6.0, backend="triton")
     (g_wide,) = torch.autograd.grad(loss, wide)
     za_r = za64.clone().requires_grad_(True)
-    (g_r,) = torch.autograd.grad(R.trades_loss(z64, za_r, y, 6.0), za_r)
+    (g_r,) = torch.autograd.grad(R.trades_loss(z64, za_r, yc, 6.0), za_r)
     assert_grad_close(g_wide[:, 3:13], g_r, torch.full((6,), 1 / 6), name="grad z_adv")
     assert (g_wide[:, :3] == 0).all() and (g_wide[:, 13:] == 0).all()
     head = kernels.loss_head(z, za_view.detach(), y, backend="triton")
-    assert_close(head.kl, R.loss_head(z64, za64, y).kl, name="kl (strided)")
+    assert_close(head.kl, R.loss_head(z64, za64, yc).kl, name="kl (strided)")
 
 
 def test_poisoning_catches_unwritten_outputs(monkeypatch):

@@ -1,6 +1,8 @@
 """The fused PGD-step kernel vs the reference op, and the step's invariants.
 
-Runs on the CPU through Triton's interpreter; outputs are poisoned (NaN) before each launch.
+Runs on the CPU through Triton's interpreter, or compiled on a GPU with FASTROBUST_TEST_DEVICE=cuda
+(tests/test_kernels_device.py: inputs built on the CPU and moved with ``to_dev``, the reference run on
+CPU copies); outputs are poisoned (NaN) before each launch.
 
 Tolerances: x_new elementwise ``|a - e| <= 1e-6`` against the float32 reference on the same inputs
 (values lie in [0, 1], where fp32's ulp is <= 6e-8; the kernel and torch may order the same few
@@ -9,11 +11,9 @@ grad_norm ``|a - e| <= 1e-5 |e|`` against float64 ``torch.linalg.vector_norm``.
 """
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / kernels are imported
-
 import zlib
+
+from test_kernels_device import to_dev  # before triton / kernels are imported
 
 import pytest
 import torch
@@ -33,15 +33,15 @@ def _poison():
 
 
 def make_batch(shape, seed, zero_frac=0.0, dtype=torch.float32):
-    """x_nat in [0, 1] (with pixels at exactly 0 and 1), x_adv inside the eps-ball, grad ~ N(0, 1)
-    with a fraction of exact zeros (sign(0) = 0)."""
+    """(x_adv, grad, x_nat) on DEVICE: x_nat in [0, 1] (with pixels at exactly 0 and 1), x_adv inside
+    the eps-ball, grad ~ N(0, 1) with a fraction of exact zeros (sign(0) = 0)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(shape, generator=g)
     x = torch.where(torch.rand(shape, generator=g) < 0.1, (x > 0.5).float(), x)
     xa = (x + 0.03 * (2 * torch.rand(shape, generator=g) - 1)).clamp(0, 1)
     grad = torch.randn(shape, generator=g)
     grad = torch.where(torch.rand(shape, generator=g) < zero_frac, torch.zeros_like(grad), grad)
-    return xa.to(dtype), grad.to(dtype), x.to(dtype)
+    return to_dev(xa.to(dtype)), to_dev(grad.to(dtype)), to_dev(x.to(dtype))
 
 
 def seed_of(*parts) -> int:
@@ -49,14 +49,15 @@ def seed_of(*parts) -> int:
 
 
 def check_against_reference(xa, grad, x, step, eps, norm):
+    """The kernel on the device tensors against the reference on their CPU copies."""
     out, gn = kernels.pgd_step(xa, grad, x, step, eps, norm, backend="triton")
-    ref, gn_ref = R.pgd_step(xa, grad, x, step, eps, norm)
-    assert out.shape == xa.shape and out.dtype == xa.dtype
+    ref, gn_ref = R.pgd_step(xa.cpu(), grad.cpu(), x.cpu(), step, eps, norm)
+    assert out.shape == xa.shape and out.dtype == xa.dtype and out.device == xa.device
     assert torch.isfinite(out).all() and torch.isfinite(gn).all(), "unwritten output"
-    assert (out.double() - ref.double()).abs().max().item() <= X_ATOL
+    assert (out.cpu().double() - ref.double()).abs().max().item() <= X_ATOL
     assert gn.dtype == torch.float32 and gn.shape == (xa.shape[0],)
-    exact = torch.linalg.vector_norm(grad.double().reshape(grad.shape[0], -1), dim=1)
-    assert ((gn.double() - exact).abs() <= RTOL * exact).all()
+    exact = torch.linalg.vector_norm(grad.cpu().double().reshape(grad.shape[0], -1), dim=1)
+    assert ((gn.cpu().double() - exact).abs() <= RTOL * exact).all()
     return out, gn
 
 
@@ -93,9 +94,9 @@ def test_linf_sign_of_zero_gradient_is_zero():
 def test_l2_projection_is_active_and_exact():
     """A step that leaves the ball ends on its surface (where no pixel is clamped)."""
     g = torch.Generator().manual_seed(seed_of("l2-proj"))
-    x = 0.25 + 0.5 * torch.rand(4, 3, 8, 8, generator=g)          # far from the [0, 1] bounds
+    x = to_dev(0.25 + 0.5 * torch.rand(4, 3, 8, 8, generator=g))          # far from the [0, 1] bounds
     xa = x.clone()
-    grad = torch.randn(4, 3, 8, 8, generator=g)
+    grad = to_dev(torch.randn(4, 3, 8, 8, generator=g))
     eps = 0.1
     out, gn = check_against_reference(xa, grad, x, 1.0, eps, "l2")   # step 1.0 >> eps
     dist = torch.linalg.vector_norm((out - x).double().reshape(4, -1), dim=1)
@@ -152,11 +153,11 @@ def test_low_precision_images_and_gradients():
     assert out.dtype == torch.float32
     xa16, g16, x16 = xa.half(), grad.half(), x.half()
     out16, gn16 = kernels.pgd_step(xa16, g16, x16, 0.01, 0.03, "linf", backend="triton")
-    ref16, gn_ref16 = R.pgd_step(xa16, g16, x16, 0.01, 0.03, "linf")
+    ref16, gn_ref16 = R.pgd_step(xa16.cpu(), g16.cpu(), x16.cpu(), 0.01, 0.03, "linf")
     assert out16.dtype == torch.float16
     # both compute in fp32 and round to fp16 once: at most one fp16 ulp (2^-11 in [0.5, 1]) apart
-    assert (out16.float() - ref16.float()).abs().max() <= 2.0 ** -11
-    assert torch.allclose(gn16, gn_ref16, rtol=RTOL)
+    assert (out16.cpu().float() - ref16.float()).abs().max() <= 2.0 ** -11
+    assert torch.allclose(gn16.cpu(), gn_ref16, rtol=RTOL)
 
 
 def test_reference_backend_invariants_too():

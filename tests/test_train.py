@@ -1,6 +1,7 @@
 """End-to-end training on real MNIST: every method, exact resume after a kill, non-finite steps."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -77,31 +78,53 @@ def _cli(out, data_dir, *extra):
             "--data-dir", str(data_dir), "--out-dir", str(out), "--ema-decay", "0.9", *extra]
 
 
-def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path, data_dir):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    ref = tmp_path / "uninterrupted"
-    subprocess.run(_cli(ref, data_dir), check=True, env=env, cwd=REPO, capture_output=True)
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(run, data_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    ref = tmp_path_factory.mktemp("ref") / "uninterrupted"
+    subprocess.run(_cli(ref, data_dir), check=True, env=_env(), cwd=REPO, capture_output=True)
+    return load_checkpoint(ref / "checkpoints" / "final.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_stop_at_a_random_step_and_resume_is_bit_identical(uninterrupted, tmp_path, data_dir, sig):
+    """SIGKILL: the run dies wherever it is; the newest checkpoint (one per step here) is complete.
+    SIGTERM: the run finishes its step, writes a checkpoint there and exits with 143 and one line.
+    Either way --resume ends with weights bit-identical to the uninterrupted run's. The step after
+    which the signal is sent is drawn at random (FASTROBUST_TEST_SEED fixes it)."""
+    seed = int(os.environ.get("FASTROBUST_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    after = random.Random(seed).randint(1, 11)
+    why = f"signal {sig.name} after step {after} (FASTROBUST_TEST_SEED={seed})"
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli(run, data_dir), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "step-00000003.pt").exists():
+    while time.time() < deadline and not (run / "checkpoints" / f"step-{after:08d}.pt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
-    assert 3 <= killed_at < 16 and not (run / "checkpoints" / "final.pt").exists()
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1].decode()
+    stopped_at = max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
+    assert after <= stopped_at < 16 and not (run / "checkpoints" / "final.pt").exists(), why
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, why
+    else:
+        assert proc.returncode == 143, (why, err)
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith(f"fastrobust: interrupted: stopped by SIGTERM at epoch") and "Traceback" not in err, err
+        assert f"checkpoint written to {run / 'checkpoints' / f'step-{stopped_at:08d}.pt'}" in lines[-1], why
+        assert load_checkpoint(run / "checkpoints" / f"step-{stopped_at:08d}.pt")["global_step"] == stopped_at
 
-    done = subprocess.run(_cli(run, data_dir, "--resume"), env=env, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(_cli(run, data_dir, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "resumed from" in done.stdout
-    a = load_checkpoint(ref / "checkpoints" / "final.pt")
+    assert f"resumed from {run / 'checkpoints' / f'step-{stopped_at:08d}.pt'}" in done.stdout, why
     b = load_checkpoint(run / "checkpoints" / "final.pt")
     for key in ("model", "ema"):
-        for k, v in a[key].items():
-            assert torch.equal(v, b[key][k]), (key, k)
-    assert a["global_step"] == b["global_step"] == 16
+        for k, v in uninterrupted[key].items():
+            assert torch.equal(v, b[key][k]), (why, key, k)
+    assert uninterrupted["global_step"] == b["global_step"] == 16
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, data_dir, monkeypatch):
@@ -115,7 +138,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, data_dir, monkeypatch)
         return out
 
     monkeypatch.setattr(trainer.method, "loss", poisoned)
-    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(NumericalError, match="consecutive non-finite"):
+    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(NumericalError, match="consecutive bad steps"):
         trainer.fit()
     ckpts = sorted((Path(trainer.cfg.out_dir) / "checkpoints").glob("step-*.pt"))
     assert ckpts
