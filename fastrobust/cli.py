@@ -17,7 +17,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import EvalConfig, TrainConfig
 from .errors import ConfigError, FastRobustError
@@ -237,25 +237,31 @@ def one_line(message: object) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+def run_reporting_errors(run: Callable[[], int], prog: str = "fastrobust") -> int:
+    """Run a command; a user-facing error becomes one line on stderr and an exit status, never a
+    traceback (2: bad input, the signal's status when interrupted). The process group is shut down."""
+    from . import distributed as dist
+    from .train import TrainingInterrupted
+    try:
+        return run()
+    except TrainingInterrupted as e:
+        print(f"{prog}: interrupted: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except FastRobustError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        dist.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": _cmd_bench}
-    from . import distributed as dist
-    from .train import TrainingInterrupted
-    try:
-        return handlers[ns.command](ns)
-    except TrainingInterrupted as e:
-        print(f"fastrobust: interrupted: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except FastRobustError as e:
-        print(f"fastrobust: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastrobust: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        dist.shutdown()
+    return run_reporting_errors(lambda: handlers[ns.command](ns))
 
 
 if __name__ == "__main__":

@@ -130,27 +130,20 @@ def main(dataset: str, method: str, arch: str, argv: Sequence[str] | None = None
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any TrainConfig field")
     ns = parser.parse_args(argv)
     from fastrobust import distributed as dist
-    from fastrobust.cli import one_line
-    from fastrobust.errors import FastRobustError
-    from fastrobust.train import TrainingInterrupted
+    from fastrobust.cli import run_reporting_errors
     profile = ns.profile or ("paper" if torch.cuda.is_available() else "smoke")
     if ns.profile is None:
         dist.print0(f"profile: {profile} ({'a GPU is available' if profile == 'paper' else 'no GPU: CPU-feasible smoke run'};"
                     f" pass --profile to choose)")
     methods = [method] + [m for m in ns.compare.split(",") if m and m != method]
-    try:
+
+    def run() -> int:
         overrides = {"device": ns.device, "resume": ns.resume, **_parse_set(ns.set)}
         if ns.data_dir:
             overrides["data_dir"] = ns.data_dir
         return run_cells([(dataset, m, arch) for m in methods], profile, ns.runs, overrides)
-    except TrainingInterrupted as e:
-        print(f"interrupted: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except FastRobustError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
+
+    return run_reporting_errors(run, prog=parser.prog)
 
 
 def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, overrides: dict[str, Any]) -> int:

@@ -160,4 +160,4 @@ def test_recipe_overrides_give_a_config_or_a_config_error(overrides):
 def test_recipe_command_line_errors_are_clean(argv, capsys):
     code = recipes.main("mnist", "dtrades", "smallcnn", ["--profile", "smoke", *argv])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and err.startswith("python -m recipes.mnist_dtrades_smallcnn: error: ") and len(err.strip().splitlines()) == 1, err
