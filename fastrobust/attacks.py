@@ -11,19 +11,27 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.reference import kl_divergence
 
 from .errors import ConfigError, check_eps, check_positive_int, unknown_name
 
-NORMS = ("linf", "l2")
-RANDOM_STARTS = ("uniform", "trades", "none")
+NORMS = kernels.PGD_NORMS                      # "linf", "l2"
+RANDOM_STARTS = ("uniform", "trades", "none")  # in the ball; x + 0.001 N(0, 1) (TRADES, MART); none
 OBJECTIVES = ("ce", "kl")
+AA_VERSIONS = ("standard", "plus", "rand", "custom")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# Under bf16 autocast the TRADES start x + 0.001 N(0, 1) is below the input's resolution (for 43% of the
+# pixels the first convolution sees exactly x), so the first KL gradient is rounding noise. The first step
+# in fp32 restores the attack's strength (BENCHMARKS.md, "bf16 and the training attack": final KL 0.84x
+# of fp32's under bf16, 1.00x with one fp32 step); later iterates are a step away, where bf16 resolves them.
+FP32_STEPS_UNDER_AMP = 1
 
 
 @contextlib.contextmanager
@@ -52,30 +60,36 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def kl_divergence(log_p: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL(p || q) with q = softmax(logits_adv), from log p (fp32 accumulation)."""
-    log_q = F.log_softmax(fp32(logits_adv), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
-
-
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(fp32(t.flatten(1)), dim=1)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, kind: str) -> torch.Tensor:
-    if kind == "none" or eps == 0 and kind == "uniform":
-        start = x.clone()
-    elif kind == "trades":
-        start = x + 0.001 * torch.randn_like(x)
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, kind: str, *, generator: torch.Generator | None = None,
+                 rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The first PGD iterate: x plus noise of ``kind`` ("trades": 0.001 N(0, 1); "uniform": uniform in
+    the ball; "none"), projected into the ball and the [0, 1] box.
+
+    The noise is drawn for ``world_size`` shards of ``len(x)`` rows and this rank keeps rows
+    ``rank::world_size``: with a generator seeded per training step, each sample's start is then the
+    same whatever the number of processes (the loaders shard like DistributedSampler)."""
+    if kind == "none" or (eps == 0 and kind == "uniform"):
+        return x.detach().clone()
+    shape = (x.shape[0] * world_size,) + tuple(x.shape[1:])
+    opts = dict(generator=generator, device=x.device, dtype=x.dtype if x.dtype == torch.float64 else torch.float32)
+    if kind == "trades":
+        delta = 0.001 * torch.randn(shape, **opts)
     elif norm == "linf":
-        start = x + torch.empty_like(x).uniform_(-eps, eps)
+        delta = (2 * torch.rand(shape, **opts) - 1) * eps
     else:  # uniform in the L2 ball: gaussian direction, radius eps * U^(1/d)
-        direction = torch.randn_like(x)
-        direction = direction / _flat_norm(direction).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        d = x[0].numel()
-        radius = eps * torch.rand(x.shape[0], device=x.device).pow(1.0 / d)
-        start = x + direction * radius.view(-1, *[1] * (x.dim() - 1))
-    return project(start, x, eps, norm)
+        direction = torch.randn(shape, **opts)
+        direction = direction / _per_sample(_flat_norm(direction).clamp_min(1e-12), direction)
+        radius = eps * torch.rand(shape[0], **opts).pow(1.0 / x[0].numel())
+        delta = direction * _per_sample(radius, direction)
+    return project(x + delta[rank::world_size].to(x.dtype), x, eps, norm)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -85,7 +99,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     else:
         delta = x_adv - x
         scale = (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-        x_adv = x + delta * scale.view(-1, *[1] * (x.dim() - 1)).to(delta.dtype)
+        x_adv = x + delta * _per_sample(scale, delta).to(delta.dtype)
     return x_adv.clamp(0.0, 1.0)
 
 
@@ -94,45 +108,55 @@ class PGDResult(NamedTuple):
     last_grad_norm: torch.Tensor  # per-sample ||grad of the objective|| at the last iterate attacked
 
 
-def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-                steps: int, norm: str, random_start_kind: str, objective: str, early_stop: bool = False,
-                clean_logits: torch.Tensor | None = None, start: torch.Tensor | None = None) -> PGDResult:
-    """The PGD loop, in whatever mode the model is in (callers use :func:`eval_mode`).
+def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+                norm: str, objective: str, start: torch.Tensor, early_stop: bool = False,
+                clean_logits: torch.Tensor | None = None, recompute_clean: bool = False,
+                fp32_steps: int = 0) -> PGDResult:
+    """The PGD loop from ``start`` (see :func:`random_start`), in whatever mode the model is in (callers
+    use :func:`eval_mode`).
 
-    With ``objective="kl"`` the target distribution p = softmax(f(x)) is computed once, not at every
-    step as the official TRADES code does; pass ``clean_logits`` to reuse a forward already made.
-    The per-sample objective is summed, not averaged, so each sample's gradient is its own
-    ``grad_{x'_i} loss_i`` - the quantity D-TRADES' ``attack`` sensitivity reuses.
-    ``start``, when given, is the first iterate (projected into the ball) instead of a random start
-    drawn here: the trainer draws it per sample so it does not depend on how a batch is sharded.
+    With ``objective="kl"`` the target p = softmax(f(x)) is computed once (or taken from
+    ``clean_logits``); ``recompute_clean`` recomputes it at every step, as the official TRADES code
+    does (the step profiler's baseline). The per-sample objective is summed, not averaged, so each
+    sample's gradient is its own ``grad_{x'_i} loss_i``: the quantity D-TRADES' ``attack`` sensitivity reuses.
+    ``fp32_steps``: the first n steps run with autocast off (see :data:`FP32_STEPS_UNDER_AMP`).
     """
     x = x.detach()
-    if objective == "kl":
-        with torch.no_grad():
-            logits = model(x) if clean_logits is None else clean_logits
-            log_p = F.log_softmax(fp32(logits.detach()), dim=1)
-    if start is None:
-        x_adv = random_start(x, eps, norm, random_start_kind).detach()
-    else:
-        x_adv = project(start.detach().to(x.dtype), x, eps, norm).detach()
+
+    def target() -> torch.Tensor:   # in fp32 when the first steps are: their q must be compared with a p as exact
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if fp32_steps else contextlib.nullcontext():
+            logits = model(x) if clean_logits is None or recompute_clean else clean_logits
+            return F.log_softmax(fp32(logits.detach()), dim=1)
+
+    log_p = target() if objective == "kl" else None
+    x_adv = project(start.detach().to(x.dtype), x, eps, norm).detach()
     grad_norm = torch.zeros(x.shape[0], device=x.device)
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for _ in range(steps):
+    for i in range(steps):
+        if objective == "kl" and recompute_clean and i > 0:
+            log_p = target()
         x_adv.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False) if i < fp32_steps \
+                else contextlib.nullcontext():
             logits_adv = model(x_adv)
             if objective == "ce":
                 loss = F.cross_entropy(fp32(logits_adv), y, reduction="sum")
             else:
-                loss = kl_divergence(log_p, logits_adv).sum()
+                loss = kl_divergence(log_p, F.log_softmax(fp32(logits_adv), dim=1)).sum()
             (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach()
         x_next, grad_norm = kernels.pgd_step(x_adv, grad, x, step_size, eps, norm)
         if early_stop:
             active = active & (logits_adv.detach().argmax(1) == y)
-            x_next = torch.where(active.view(-1, *[1] * (x.dim() - 1)), x_next, x_adv)
+            x_next = torch.where(_per_sample(active, x), x_next, x_adv)
         x_adv = x_next
     return PGDResult(x_adv.detach(), grad_norm)
+
+
+def _check_names(**pairs: tuple[str, tuple[str, ...], str]) -> None:
+    for value, valid, kind in pairs.values():
+        if value not in valid:
+            raise unknown_name(kind, value, valid)
 
 
 @dataclass(kw_only=True)
@@ -157,10 +181,8 @@ class PGD:
         self.steps = check_positive_int(self.steps, f"{self.name} steps")
         if not self.step_size > 0:
             raise ConfigError(f"{self.name} step size must be > 0, got {self.step_size}")
-        for value, valid, kind in ((self.norm, NORMS, "norm"), (self.random_start, RANDOM_STARTS, "random start"),
-                                   (self.objective, OBJECTIVES, "attack objective")):
-            if value not in valid:
-                raise unknown_name(kind, value, valid)
+        _check_names(norm=(self.norm, NORMS, "norm"), start=(self.random_start, RANDOM_STARTS, "random start"),
+                     objective=(self.objective, OBJECTIVES, "attack objective"))
         message = weak_attack_warning(self.eps, self.step_size, self.steps, self.name)
         if message:
             warnings.warn(message, stacklevel=3)
@@ -168,12 +190,25 @@ class PGD:
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 clean_logits: torch.Tensor | None = None) -> PGDResult:
         with eval_mode(model):
-            return pgd_perturb(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                               norm=self.norm, random_start_kind=self.random_start, objective=self.objective,
-                               early_stop=self.early_stop, clean_logits=clean_logits)
+            return pgd_perturb(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
+                               objective=self.objective, early_stop=self.early_stop, clean_logits=clean_logits,
+                               start=random_start(x, self.eps, self.norm, self.random_start))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.perturb(model, x, y).x_adv
+
+    # The evaluation's view of an attack (every registered attack has these three):
+    per_batch: ClassVar[bool] = True   # runs on every evaluated batch (False: on cfg.aa_samples points)
+
+    @classmethod
+    def for_evaluation(cls, cfg: Any) -> "PGD":
+        """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for, or None."""
+        return cls(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
+                   random_start=cfg.pgd_random_start, objective="ce")
+
+    @staticmethod
+    def label(cfg: dict) -> str:
+        return f"PGD-{cfg['pgd_steps']}"
 
 
 @dataclass(kw_only=True)
@@ -189,8 +224,18 @@ class FGSM:
         if self.eps == 0:
             return x.detach().clone()
         with eval_mode(model):
-            return pgd_perturb(model, x, y, eps=self.eps, step_size=self.eps, steps=1, norm="linf",
-                               random_start_kind="none", objective="ce").x_adv
+            return pgd_perturb(model, x, y, eps=self.eps, step_size=self.eps, steps=1, norm="linf", objective="ce",
+                               start=x).x_adv
+
+    per_batch: ClassVar[bool] = True
+
+    @classmethod
+    def for_evaluation(cls, cfg: Any) -> "FGSM | None":
+        return cls(eps=cfg.eps) if cfg.norm == "linf" else None   # an L-inf attack only
+
+    @staticmethod
+    def label(cfg: dict) -> str:
+        return "FGSM"
 
 
 @dataclass(kw_only=True)
@@ -211,10 +256,9 @@ class AutoAttack:
 
     def __post_init__(self):
         self.eps = check_eps(self.eps)
-        if self.norm not in NORMS:
-            raise unknown_name("norm", self.norm, NORMS)
-        if self.version not in ("standard", "plus", "rand", "custom"):
-            raise unknown_name("AutoAttack version", self.version, ("standard", "plus", "rand", "custom"))
+        _check_names(norm=(self.norm, NORMS, "norm"), version=(self.version, AA_VERSIONS, "AutoAttack version"))
+        for a in self.attacks or ():
+            _check_names(attack=(a, AA_ATTACKS, "AutoAttack attack"))
         self.batch_size = check_positive_int(self.batch_size, "AutoAttack batch size")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -236,12 +280,26 @@ class AutoAttack:
                                                              batch_size=self.batch_size)
         return x_adv.detach()
 
+    per_batch: ClassVar[bool] = False   # minutes per 100 robust points: cfg.aa_samples only
 
+    @classmethod
+    def for_evaluation(cls, cfg: Any, device: str | torch.device | None = None) -> "AutoAttack":
+        return cls(eps=cfg.eps, norm=cfg.norm, version=cfg.aa_version, batch_size=cfg.batch_size, seed=cfg.seed,
+                   device=device, attacks=cfg.aa_attacks or None)
+
+    @staticmethod
+    def label(cfg: dict) -> str:
+        if cfg.get("aa_version", "standard") != "standard":
+            return f"AutoAttack ({cfg['aa_version']}: {', '.join(cfg.get('aa_attacks') or ())})"
+        return "AutoAttack"
+
+
+# Ordered from the weakest to the strongest: the evaluation checks that each RA is at most the previous one's.
 ATTACKS = {"fgsm": FGSM, "pgd": PGD, "autoattack": AutoAttack}
 
 
 def make_attack(name: str, **options):
-    """Build an attack by name ("fgsm", "pgd", "autoattack"); every option is passed explicitly."""
+    """Build an attack by name (:data:`ATTACKS`); every option is passed explicitly."""
     if name not in ATTACKS:
         raise unknown_name("attack", name, ATTACKS)
     return ATTACKS[name](**options)

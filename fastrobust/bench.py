@@ -1,146 +1,86 @@
-"""Step profiler: the cost of a D-TRADES step against a TRADES step, and of the fast path against
-the eager reference users run today.
+"""Benchmarks, with one timer for all of them: ``fastrobust bench {step,kernels,loaders}``.
+
+The timer (:func:`interleaved`) runs every variant once per round, round-robin, so slow phases of a
+noisy machine hit all variants alike, and keeps per variant the wall-clock seconds and the process CPU
+seconds of each call (medians and interquartile ranges are reported): on a shared CPU the wall clock
+swings by 15% between runs, CPU time much less. Warm-up calls (compilation, JIT) are excluded.
 
     fastrobust bench step --methods trades,dtrades --model resnet18 --batch 32 --device cpu
 
-Variants, per (model, batch size):
-  fast path      fastrobust's step (TrainStep): clean KL target computed once per batch, loss heads
-                 through the kernels, and on a GPU bf16 autocast + channels_last + torch.compile.
-                 D-TRADES appears once per sensitivity mode: dtrades[attack|exact|func].
-  eager ref      the same algorithm written the way the official TRADES code works, in eager fp32:
-                 f(x) recomputed at every attack step, and the clean forward made twice in the loss.
-
-Method: warm-up (and compilation) excluded; all variants measured in the same process, interleaved
-round-robin, so slow phases of a noisy machine hit every variant alike; medians with the
-interquartile range. FLOPs come from ``torch.utils.flop_counter`` on one eager step of each variant.
+Step variants, per (model, batch): ``fast`` is the training step (:class:`~fastrobust.step.TrainStep`),
+D-TRADES once per sensitivity mode; ``eager ref`` is the same step in its official-code shape (the
+reference loss ops, fp32, no compile, f(x) recomputed at every attack step and a second clean forward
+for the KL target). FLOPs come from ``torch.utils.flop_counter`` on one eager step of each variant.
+The kernel and loader cases are defined beside their code (:mod:`kernels.bench`, :mod:`loaders.bench`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .attacks import eval_mode, fp32
 from .config import TrainConfig
 from .errors import ConfigError
+from .methods import METHODS
 from .models import create_model
 from .report import atomic_write_text, device_description, markdown_table, versions, write_json
-from .train import StepResult, TrainStep, _sync, peak_memory_mb, resolve_device
+from .step import TrainStep, resolve_device, sync
 
 # Dense peak throughput (TFLOP/s) by GPU name fragment: bf16 tensor cores, and fp32 (non-tensor).
-PEAK_TFLOPS = {"H200": (989.4, 66.9), "H100 SXM": (989.4, 66.9), "H100 80GB HBM3": (989.4, 66.9),
-               "H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "A100": (312.0, 19.5), "L4": (121.0, 30.3)}
-
-
-def peak_tflops(device: torch.device, amp: torch.dtype | None) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, f32) in PEAK_TFLOPS.items():
-        if key in name:
-            return bf16 if amp in (torch.bfloat16, torch.float16) else f32
-    return None
-
-
-class EagerReferenceStep:
-    """The official TRADES code's structure, eager fp32: f(x) at every attack step, two clean forwards
-    in the loss. Covers standard, trades, mart and dtrades (D-TRADES adds its lambda to the TRADES code)."""
-
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
-        self.cfg, self.model, self.device = cfg, model, device
-        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    def _attack(self, x, y, objective):
-        cfg, model = self.cfg, self.model
-        model.eval()
-        x_adv = (x + 0.001 * torch.randn_like(x)).detach()
-        grad = None
-        for _ in range(cfg.attack_steps):
-            x_adv.requires_grad_(True)
-            if objective == "kl":
-                loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1), reduction="sum")
-            else:
-                loss = F.cross_entropy(model(x_adv), y)
-            (grad,) = torch.autograd.grad(loss, [x_adv])
-            x_adv = x_adv.detach() + cfg.attack_step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - cfg.eps), x + cfg.eps).clamp(0.0, 1.0)
-        model.train()
-        return x_adv.detach(), grad
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        cfg, model = self.cfg, self.model
-        t0 = time.perf_counter()
-        if cfg.method == "standard":
-            x_adv = grad = None
-            model.train()
-        else:
-            x_adv, grad = self._attack(x, y, "ce" if cfg.method == "mart" else "kl")
-        _sync(self.device)
-        t1 = time.perf_counter()
-        self.opt.zero_grad()
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if cfg.method in ("trades", "dtrades"):
-            logits_adv = model(x_adv)
-            kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(model(x), dim=1), reduction="none").sum(1)
-            if cfg.method == "trades":
-                loss = loss + cfg.beta * kl.mean()
-            else:
-                p = F.softmax(logits.detach(), dim=1)
-                h = -(p * torch.log(p + cfg.entropy_eps)).sum(1)
-                if cfg.sensitivity == "attack":
-                    s = grad.flatten(1).norm(dim=1)
-                else:
-                    xa = x_adv.clone().requires_grad_(True)
-                    kl_s = F.kl_div(F.log_softmax(model(xa), dim=1), p, reduction="sum")
-                    s = torch.autograd.grad(kl_s, xa)[0].flatten(1).norm(dim=1)
-                mm = lambda v: (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)  # noqa: E731
-                lam = (cfg.lambda_alpha * mm(h) + cfg.lambda_beta * mm(s)).detach()
-                loss = loss + (lam * kl).mean()
-        elif cfg.method == "mart":
-            logits_adv = model(x_adv)
-            q = F.softmax(logits_adv, dim=1)
-            top2 = torch.argsort(q, dim=1)[:, -2:]
-            wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
-            loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - q + 1e-12), wrong)
-            p = F.softmax(logits, dim=1)
-            p_y = p.gather(1, y[:, None]).squeeze(1)
-            kl = (F.kl_div(torch.log(q + 1e-12), p, reduction="none").sum(1) * (1.0000001 - p_y)).mean()
-            loss = loss_adv + cfg.beta * kl
-        loss.backward()
-        self.opt.step()
-        _sync(self.device)
-        return StepResult(float(loss.detach()), None, t1 - t0, time.perf_counter() - t1)
+PEAK_TFLOPS = {"H200": (989.4, 66.9), "H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "A100": (312.0, 19.5),
+               "L4": (121.0, 30.3)}
 
 
 @dataclasses.dataclass
-class Variant:
-    name: str
-    method: str
-    kind: str            # "fast" or "eager ref"
-    sensitivity: str | None
-    runner: Any
-    flops: float | None = None
-    attack: list[float] = dataclasses.field(default_factory=list)
-    update: list[float] = dataclasses.field(default_factory=list)
-    peak_mb: float = 0.0
+class Timing:
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    phases: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        def quart(v):
+            q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
+            return q[0], statistics.median(v), q[2]
+        (q1, med, q3), (_, cpu, _) = quart(self.wall), quart(self.cpu)
+        return {"wall_s": med, "wall_q1_s": q1, "wall_q3_s": q3, "cpu_s": cpu, "calls": len(self.wall),
+                **{f"{k}_s": statistics.median(v) for k, v in self.phases.items()}}
 
 
-def _quartiles(v: Sequence[float]) -> tuple[float, float, float]:
-    if len(v) < 2:
-        return v[0], v[0], v[0]
-    q = statistics.quantiles(v, n=4)
-    return q[0], statistics.median(v), q[2]
+def interleaved(variants: dict[str, Callable[[], dict | None]], repeats: int, warmup: int = 1,
+                device: torch.device | None = None, deadline: float | None = None,
+                progress: Callable[[int], None] | None = None) -> dict[str, Timing]:
+    """Time each variant ``repeats`` times, round-robin, after ``warmup`` untimed rounds. A variant may
+    return a dict of phase durations (seconds) to keep too. ``deadline`` (time.time()) stops starting
+    new rounds after the first."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    out = {name: Timing() for name in variants}
+    for r in range(repeats):
+        if deadline is not None and r > 0 and time.time() > deadline:
+            break
+        for name, fn in variants.items():
+            sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            phases = fn()
+            sync(device)
+            out[name].wall.append(time.perf_counter() - w0)
+            out[name].cpu.append(time.process_time() - c0)
+            for k, v in (phases or {}).items():
+                out[name].phases.setdefault(k, []).append(v)
+        if progress:
+            progress(r)
+    return out
 
 
+# ---------------------------------------------------------------------------------------------- step
 class _GlobalOnly:
     """Stands in for FlopCounterMode's module tracker: its backward hooks break torch.autograd.grad
     on leaf inputs (every attack step), and only the total is needed here."""
@@ -153,207 +93,315 @@ class _GlobalOnly:
         return None
 
 
-def _count_flops(runner, x, y) -> float | None:
+def count_flops(fn: Callable[[], Any]) -> float | None:
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     try:
         with counter:
-            runner(x, y)
+            fn()
         return float(counter.get_total_flops())
     except Exception:  # noqa: BLE001 - a counter failure only loses the FLOP column
         return None
 
 
-def _batch(dataset: str, batch: int, device: torch.device, data_dir: str | None):
+def sample_batch(dataset: str, batch: int, device: torch.device, data_dir: str | None, random_images: bool = False):
+    """The first ``batch`` test images (repeated if the split is smaller), as the loaders deliver them;
+    ``random_images``: uniform random images and labels of the dataset's geometry (no data needed)."""
     import loaders
+    from .evaluate import as_float_images
+    if random_images:
+        info = loaders.dataset_info(dataset)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(batch, info.channels, info.size, info.size, generator=g)
+        y = torch.randint(0, info.num_classes, (batch,), generator=g)
+        return x.to(device, memory_format=torch.channels_last), y.to(device)
     data = loaders.load_arrays(dataset, "test", data_dir, limit=batch)
-    x = torch.from_numpy(data.images.copy()).permute(0, 3, 1, 2).float().div(255)
-    if len(x) < batch:  # fewer test images than the batch: repeat them
-        reps = -(-batch // len(x))
-        x, y = x.repeat(reps, 1, 1, 1)[:batch], torch.from_numpy(data.labels.copy()).repeat(reps)[:batch]
-    else:
-        y = torch.from_numpy(data.labels.copy())
-    return x.to(device), y.long().to(device)
+    reps = -(-batch // len(data.labels))
+    x = as_float_images(data.images).repeat(reps, 1, 1, 1)[:batch]
+    y = torch.from_numpy(data.labels.copy()).long().repeat(reps)[:batch]   # copied: the loaders' arrays are read-only
+    return x.to(device, memory_format=torch.channels_last), y.to(device)
 
 
 def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Sequence[int], device: str = "auto", *,
                    dataset: str = "cifar10", sensitivities: Sequence[str] = ("attack", "exact", "func"),
                    repeats: int = 5, warmup: int = 2, compile: bool | None = None, amp: str = "auto",
-                   channels_last: bool | None = None, reference: bool = True, data_dir: str | None = None,
-                   profile_dir: str | None = None, attack_steps: int = 10, progress: bool = True,
-                   deadline: float | None = None) -> dict[str, Any]:
-    """``deadline`` (a time.time() value): stop starting new repeats past it; what was measured is kept."""
+                   reference: bool = True, data_dir: str | None = None, attack_steps: int = 10,
+                   progress: bool = True, deadline: float | None = None,
+                   random_images: bool = False) -> dict[str, Any]:
+    """Time every step variant per (model, batch) on one batch: the first test images, or random images
+    of the dataset's geometry with ``random_images`` (step cost does not depend on the pixels)."""
     dev = resolve_device(device)
     compile = dev.type == "cuda" if compile is None else compile
-    channels_last = True if channels_last is None else channels_last
     rows, ratios = [], []
     for model_name in models:
         for batch in batches:
             torch.manual_seed(0)
-            x, y = _batch(dataset, batch, dev, data_dir)
-            base = create_model(model_name, dataset=dataset).to(dev)
-            variants: list[Variant] = []
+            x, y = sample_batch(dataset, batch, dev, data_dir, random_images)
+            base = create_model(model_name, dataset=dataset).to(dev, memory_format=torch.channels_last)
+            steps: dict[str, tuple[TrainStep, str, str]] = {}
             for method in methods:
-                modes = sensitivities if method == "dtrades" else (None,)
-                for mode in modes:
-                    cfg = TrainConfig(dataset=dataset, model=model_name, method=method, batch_size=batch,
-                                      attack_steps=attack_steps, compile=compile, amp=amp, device=str(dev),
-                                      channels_last=channels_last, **({"sensitivity": mode} if mode else {})).validate()
-                    fast_model = copy.deepcopy(base)
-                    if channels_last:
-                        fast_model = fast_model.to(memory_format=torch.channels_last)
+                for mode in (sensitivities if method == "dtrades" else (None,)):
+                    m = METHODS[method](**({"sensitivity": mode} if mode else {}))
+                    cfg = TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch, compile=compile,
+                                      attack_steps=attack_steps, amp=amp, device=str(dev)).validate()
                     name = f"{method}[{mode}]" if mode else method
-                    variants.append(Variant(name, method, "fast", mode, TrainStep(cfg, fast_model, dev)))
-                    if reference and method != "faal":
+                    steps[name] = (TrainStep(cfg, copy.deepcopy(base), dev), method, "fast")
+                    if reference:
                         ref_cfg = dataclasses.replace(cfg, compile=False, amp="off")
-                        variants.append(Variant(f"{name} eager ref", method, "eager ref", mode,
-                                                EagerReferenceStep(ref_cfg, copy.deepcopy(base), dev)))
-            xs = x.to(memory_format=torch.channels_last) if channels_last else x
-            for v in variants:  # FLOPs from one eager step of the same algorithm
-                runner = v.runner
-                if isinstance(runner, TrainStep) and (runner.net is not runner.model):
-                    eager = TrainStep(dataclasses.replace(runner.cfg, compile=False), copy.deepcopy(runner.model), dev)
-                    v.flops = _count_flops(eager, xs, y)
+                        steps[f"{name} eager ref"] = (TrainStep(ref_cfg, copy.deepcopy(base), dev, official_style=True),
+                                                      method, "eager ref")
+            flops = {}
+            for name, (st, _, _) in steps.items():   # FLOPs from one eager step of the same algorithm
+                eager = TrainStep(dataclasses.replace(st.cfg, compile=False), copy.deepcopy(st.model), dev,
+                                  official_style=st.official_style)
+                flops[name] = count_flops(lambda: eager(x, y))
+
+            def call(st: TrainStep) -> Callable[[], dict]:
+                def run() -> dict:
+                    r = st(x, y)
+                    return {"attack": r.attack_s, "update": r.update_s}
+                return run
+
+            peak = peak_tflops(dev, steps[next(iter(steps))][0].amp)
+            timings = interleaved({n: call(st) for n, (st, _, _) in steps.items()}, repeats, warmup, dev, deadline,
+                                  (lambda r: print(f"  {model_name} batch {batch}: round {r + 1}/{repeats}", flush=True))
+                                  if progress else None)
+            med = {}
+            for name, t in timings.items():
+                s = t.summary()
+                med[name] = s
+                tflops = flops[name] / s["wall_s"] / 1e12 if flops[name] else None
+                rows.append({"model": model_name, "batch": batch, "variant": name, "method": steps[name][1],
+                             "kind": steps[name][2], "ms_median": 1e3 * s["wall_s"], "ms_q1": 1e3 * s["wall_q1_s"],
+                             "ms_q3": 1e3 * s["wall_q3_s"], "cpu_ms_median": 1e3 * s["cpu_s"],
+                             "img_per_s": batch / s["wall_s"], "attack_ms": 1e3 * s["attack_s"],
+                             "update_ms": 1e3 * s["update_s"], "timed_repeats": s["calls"],
+                             "gflop_per_step": flops[name] / 1e9 if flops[name] else None, "tflop_per_s": tflops,
+                             "mfu": tflops / peak if tflops and peak else None})
+            for name, (_, method, kind) in steps.items():
+                if kind == "fast" and method == "dtrades" and "trades" in med:
+                    a, b, label = name, "trades", f"{name} / trades"
+                elif kind == "eager ref":
+                    a, b = name.removesuffix(" eager ref"), name
+                    label = f"{a} fast / eager ref"
                 else:
-                    v.flops = _count_flops(runner, xs if v.kind == "fast" else x, y)
-            for _ in range(warmup):
-                for v in variants:
-                    v.runner(xs if v.kind == "fast" else x, y)
-            for r in range(repeats):
-                if deadline is not None and r > 0 and time.time() > deadline:
-                    break
-                for v in variants:
-                    resident = 0.0
-                    if dev.type == "cuda":  # the step's own peak: above what is resident before it starts
-                        torch.cuda.synchronize(dev)
-                        resident = torch.cuda.memory_allocated(dev) / 2**20
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    res = v.runner(xs if v.kind == "fast" else x, y)
-                    v.attack.append(res.attack_s)
-                    v.update.append(res.update_s)
-                    v.peak_mb = max(v.peak_mb, peak_memory_mb(dev) - resident)
-                if progress:
-                    print(f"  {model_name} batch {batch}: round {r + 1}/{repeats}", flush=True)
-            if profile_dir:
-                write_profiles(variants, xs, x, y, Path(profile_dir) / f"{model_name}_b{batch}", dev)
-            peak = peak_tflops(dev, variants[0].runner.amp if isinstance(variants[0].runner, TrainStep) else None)
-            medians = {}
-            for v in variants:
-                totals = [a + u for a, u in zip(v.attack, v.update)]
-                q1, med, q3 = _quartiles(totals)
-                medians[v.name] = med
-                tflops = v.flops / med / 1e12 if v.flops else None
-                rows.append({"model": model_name, "batch": batch, "variant": v.name, "method": v.method, "kind": v.kind,
-                             "ms_median": 1000 * med, "ms_q1": 1000 * q1, "ms_q3": 1000 * q3, "img_per_s": batch / med,
-                             "attack_ms": 1000 * statistics.median(v.attack), "update_ms": 1000 * statistics.median(v.update),
-                             "peak_memory_mb": v.peak_mb, "timed_repeats": len(v.attack), "gflop_per_step": v.flops / 1e9 if v.flops else None,
-                             "tflop_per_s": tflops, "mfu": tflops / peak if tflops and peak else None,
-                             "repeats": repeats})
-            for v in variants:
-                if v.method == "dtrades" and v.kind == "fast" and "trades" in medians:
-                    ratios.append({"model": model_name, "batch": batch, "ratio": f"{v.name} / trades",
-                                   "value": medians[v.name] / medians["trades"]})
-                if v.kind == "eager ref" and v.name.replace(" eager ref", "") in medians:
-                    fast = v.name.replace(" eager ref", "")
-                    ratios.append({"model": model_name, "batch": batch, "ratio": f"{fast} fast / eager ref",
-                                   "value": medians[fast] / medians[v.name]})
-            del variants
+                    continue
+                ratios.append({"model": model_name, "batch": batch, "ratio": label,
+                               "wall": med[a]["wall_s"] / med[b]["wall_s"], "cpu": med[a]["cpu_s"] / med[b]["cpu_s"],
+                               "flops": flops[a] / flops[b] if flops[a] and flops[b] else None})
     return {"device": device_description(dev), "versions": versions(), "compile": compile, "amp": amp,
-            "channels_last": channels_last, "dataset": dataset, "attack_steps": attack_steps, "repeats": repeats,
-            "warmup": warmup, "rows": rows, "ratios": ratios}
+            "dataset": dataset, "inputs": "random images" if random_images else "test images",
+            "attack_steps": attack_steps, "repeats": repeats, "warmup": warmup, "rows": rows,
+            "ratios": ratios}
 
 
-def write_profiles(variants: list[Variant], xs, x, y, out: Path, dev: torch.device) -> None:
-    from torch.profiler import ProfilerActivity, profile
-    out.mkdir(parents=True, exist_ok=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    for v in variants:
-        with profile(activities=acts, record_shapes=False) as prof:
-            v.runner(xs if v.kind == "fast" else x, y)
-        safe = v.name.replace("[", "_").replace("]", "").replace(" ", "_")
-        prof.export_chrome_trace(str(out / f"trace_{safe}.json"))
-        sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        atomic_write_text(out / f"top_ops_{safe}.txt", prof.key_averages().table(sort_by=sort, row_limit=20))
+def peak_tflops(device: torch.device, amp: torch.dtype | None) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, f32) in PEAK_TFLOPS.items():
+        if key in name:
+            return bf16 if amp in (torch.bfloat16, torch.float16) else f32
+    return None
 
 
 def step_markdown(report: dict[str, Any]) -> str:
-    headers = ["model", "batch", "variant", "ms/step (median)", "IQR ms", "img/s", "attack ms", "update ms",
-               "peak MB", "GFLOP/step", "TFLOP/s", "MFU"]
-    body = [[r["model"], r["batch"], r["variant"], r["ms_median"], f"{r['ms_q1']:.1f}–{r['ms_q3']:.1f}", r["img_per_s"],
-             r["attack_ms"], r["update_ms"], r["peak_memory_mb"], r["gflop_per_step"], r["tflop_per_s"],
+    headers = ["model", "batch", "variant", "ms/step (median)", "IQR ms", "CPU ms", "img/s", "attack ms",
+               "update ms", "GFLOP/step", "TFLOP/s", "MFU"]
+    body = [[r["model"], r["batch"], r["variant"], r["ms_median"], f"{r['ms_q1']:.1f}–{r['ms_q3']:.1f}",
+             r["cpu_ms_median"], r["img_per_s"], r["attack_ms"], r["update_ms"], r["gflop_per_step"], r["tflop_per_s"],
              None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"] for r in report["rows"]]
-    ratio_rows = [[r["model"], r["batch"], r["ratio"], f"{r['value']:.3f}"] for r in report["ratios"]]
-    return (f"Device: {report['device']}; compile={report['compile']}, amp={report['amp']}, "
-            f"channels_last={report['channels_last']}, PGD-{report['attack_steps']} training attack, "
-            f"{report['repeats']} interleaved repeats after {report['warmup']} warm-up. Peak MB: on CUDA the "
-            f"memory a step allocates above what is resident before it; on the CPU the process's peak RSS.\n\n"
-            + markdown_table(headers, body) + "\n\n**Ratios** (median step time)\n\n"
-            + markdown_table(["model", "batch", "ratio", "value"], ratio_rows) + "\n")
+    ratio_rows = [[r["model"], r["batch"], r["ratio"], f"{r['wall']:.3f}", f"{r['cpu']:.3f}",
+                   "—" if r["flops"] is None else f"{r['flops']:.3f}"] for r in report["ratios"]]
+    return (f"Device: {report['device']}; compile={report['compile']}, amp={report['amp']}, PGD-{report['attack_steps']} "
+            f"training attack on {report.get('inputs', 'test images')}, {report['repeats']} interleaved repeats after {report['warmup']} warm-up.\n\n"
+            + markdown_table(headers, body) + "\n\n**Ratios** (median wall-clock step time, median process CPU time, "
+            "FLOPs)\n\n" + markdown_table(["model", "batch", "ratio", "wall", "CPU", "FLOPs"], ratio_rows) + "\n")
 
 
-def add_step_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("step", help="D-TRADES vs TRADES step cost; fast path vs eager reference")
-    p.add_argument("--methods", default="trades,dtrades")
-    p.add_argument("--model", "--models", dest="models", default="resnet18")
-    p.add_argument("--batch", "--batches", dest="batches", default="128")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--sensitivities", default="attack,exact,func")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--attack-steps", type=int, default=10)
+# ---------------------------------------------------------------------------------------------- kernels, loaders
+def run_kernel_bench(device: str = "cuda", repeats: int = 7, iters: int = 50, **case_options) -> list[dict]:
+    """Each kernel case (:func:`kernels.bench.cases`), every implementation timed ``iters`` calls at a time."""
+    from kernels import bench as kb
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        print(kb.CPU_NOTICE)
+        return []
+    rows = []
+    for case in kb.cases(dev, **case_options):
+        loops = {impl: _repeated(fn, iters) for impl, fn in case.impls.items() if fn is not None}
+        t = {k: v.summary() for k, v in interleaved(loops, repeats, warmup=1, device=dev).items()}
+        row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "bytes": case.nbytes}
+        for impl in ("triton", "eager", "compiled"):
+            us = 1e6 * t[impl]["wall_s"] / iters if impl in t else None
+            row[f"{impl}_us"], row[f"{impl}_gbps"] = us, case.nbytes / us / 1e3 if us else None
+        row["speedup_vs_eager"] = row["eager_us"] / row["triton_us"] if row["eager_us"] else None
+        row["speedup_vs_compiled"] = row["compiled_us"] / row["triton_us"] if row["compiled_us"] else None
+        rows.append(row)
+    return rows
+
+
+def _repeated(fn: Callable[[], Any], n: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(n):
+            fn()
+    return run
+
+
+def kernel_markdown(rows: list[dict]) -> str:
+    keys = ["triton_us", "eager_us", "compiled_us", "triton_gbps", "eager_gbps", "compiled_gbps", "speedup_vs_eager",
+            "speedup_vs_compiled"]
+    return markdown_table(["op", "shape", "dtype", "triton us", "eager us", "compiled us", "triton GB/s", "eager GB/s",
+                           "compiled GB/s", "x eager", "x compiled"],
+                          [[r["op"], r["shape"], r["dtype"]] + [r.get(k) for k in keys] for r in rows])
+
+
+def run_loader_bench(device: str = "auto", batch_size: int = 128, backends: Sequence[str] | None = None,
+                     repeats: int = 3, data_dir: str | None = None, consumer: float | None = None, **opts) -> list[dict]:
+    """Images/s of each loader backend (:func:`loaders.bench.window`), windows interleaved across backends."""
+    import loaders
+    from loaders import bench as lb
+    dev = resolve_device(device)
+    windows, rows = {}, {}
+    for backend in backends or [b for b in loaders.BACKENDS if b != "auto"]:
+        rows[backend] = {"backend": backend, "device": str(dev), "batch_size": batch_size, "img_per_s": None}
+        try:
+            windows[backend] = lb.window(backend, dev, batch_size=batch_size, data_dir=data_dir, **opts)
+        except Exception as e:  # noqa: BLE001 - e.g. ffcv not installed: reported in the row
+            rows[backend]["status"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+    for backend, t in interleaved({b: w for b, w in windows.items()}, repeats, warmup=1, device=dev).items():
+        s = t.summary()
+        images = windows[backend].images
+        rows[backend].update(status="ok", img_per_s=images / s["wall_s"], img_per_cpu_s=images / s["cpu_s"],
+                             windows=len(t.wall), batches_per_window=windows[backend].batches)
+        if consumer:
+            rows[backend]["loader_over_step"] = rows[backend]["img_per_s"] / consumer
+    return list(rows.values())
+
+
+# ---------------------------------------------------------------------------------------------- attack precision
+def run_attack_precision(models: Sequence[str], device: str = "auto", batch: int = 256,
+                         train_steps: int = 150, data_dir: str | None = None, seed: int = 0) -> list[dict]:
+    """The TRADES training attack under bf16 autocast against fp32, on briefly trained models: the final
+    KL(p || q) (p, q from the fp32 model) and the fp32 model's accuracy on the attack's x', per variant."""
+    import loaders
+    from .attacks import eval_mode, pgd_perturb, random_start
+    from .methods import Standard
+    from kernels.reference import kl_divergence
+    dev = resolve_device(device)
+    rows = []
+    for name in models:
+        dataset = "mnist" if name == "smallcnn" else "cifar10"
+        eps, step_size, steps = (0.3, 0.01, 20) if dataset == "mnist" else (0.031, 0.007, 10)   # the paper's attacks
+        torch.manual_seed(seed)
+        model = create_model(name, dataset=dataset).to(dev, memory_format=torch.channels_last)
+        cfg = TrainConfig(dataset=dataset, model=name, method=Standard(), lr=0.05 if name == "smallcnn" else 0.02,
+                          amp="off", compile=False, device=str(dev), batch_size=64).validate()
+        train = TrainStep(cfg, model, dev)
+        loader = loaders.build(dataset, "train", 64, dev, data_dir=data_dir, seed=seed, drop_last=True)
+        for i, (x, y) in zip(range(train_steps), iter(loader)):
+            train(x, y, step=i)
+        x, y = sample_batch(dataset, batch, dev, data_dir)
+        variants = {"fp32": (None, 0), "bf16": (torch.bfloat16, 0), "bf16, first step fp32": (torch.bfloat16, 1),
+                    "bf16, first 2 steps fp32": (torch.bfloat16, 2)}
+        with eval_mode(model), torch.no_grad():
+            log_p = torch.log_softmax(model(x).float(), 1)
+        for label, (amp, fp32_steps) in variants.items():
+            g = torch.Generator(device=dev).manual_seed(seed)
+            start = random_start(x, eps, "linf", "trades", generator=g)
+            with eval_mode(model), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                x_adv = pgd_perturb(model, x, y, eps=eps, step_size=step_size, steps=steps, norm="linf",
+                                    objective="kl", start=start, fp32_steps=fp32_steps).x_adv
+            with eval_mode(model), torch.no_grad():
+                logits = model(x_adv).float()
+            kl = kl_divergence(log_p, torch.log_softmax(logits, 1))
+            rows.append({"model": name, "variant": label, "eps": eps, "attack": f"PGD-{steps} step {step_size:g}",
+                         "kl_mean": float(kl.mean()), "ra_fp32": float((logits.argmax(1) == y).float().mean()),
+                         "na_fp32": float((log_p.argmax(1) == y).float().mean()), "n": len(y)})
+    return rows
+
+
+def precision_markdown(rows: list[dict]) -> str:
+    base = {r["model"]: r["kl_mean"] for r in rows if r["variant"] == "fp32"}
+    return markdown_table(["model", "attack", "variant", "final KL(p||q)", "KL / fp32's", "NA fp32 (%)",
+                           "RA of x' under fp32 (%)", "n"],
+                          [[r["model"], r["attack"], r["variant"], f"{r['kl_mean']:.4f}",
+                            f"{r['kl_mean'] / base[r['model']]:.3f}", 100 * r["na_fp32"], 100 * r["ra_fp32"], r["n"]]
+                           for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_bench_parsers(p_bench: argparse.ArgumentParser) -> None:
+    sub = p_bench.add_subparsers(dest="bench_command", required=True)
+    p = sub.add_parser("step", help="D-TRADES vs TRADES step cost; fast path vs the official-style eager step")
+    p.add_argument("--methods", default="trades,dtrades", help="comma-separated methods; default: trades,dtrades")
+    p.add_argument("--model", "--models", dest="models", default="resnet18", help="comma-separated; default: resnet18")
+    p.add_argument("--batch", "--batches", dest="batches", default="128", help="comma-separated; default: 128")
+    p.add_argument("--dataset", default="cifar10", help="whose test images feed the step; default: cifar10")
+    p.add_argument("--sensitivities", default="attack,exact,func", help="D-TRADES modes; default: attack,exact,func")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; default: 5")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first; default: 2")
+    p.add_argument("--attack-steps", type=int, default=10, help="training attack steps; default: 10")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the fast path (default: on for CUDA)")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one step per variant")
-    p.add_argument("--out", default="bench_out/step")
+                   help="torch.compile the fast path; default: on for CUDA")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast; default: auto")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the official-style eager step; default: on")
+    k = sub.add_parser("kernels", help="Triton kernels against the eager and compiled references (CUDA)")
+    k.add_argument("--repeats", type=int, default=7, help="timed rounds; default: 7")
+    k.add_argument("--iters", type=int, default=50, help="calls per timed round; default: 50")
+    ap = sub.add_parser("attack-precision", help="the TRADES training attack under bf16 autocast against fp32")
+    ap.add_argument("--models", default="smallcnn,resnet18", help="briefly trained first; default: smallcnn,resnet18")
+    ap.add_argument("--batch", type=int, default=256, help="attacked images; default: 256")
+    ap.add_argument("--train-steps", type=int, default=150, help="clean training steps first (batch 64); default: 150")
+    lo = sub.add_parser("loaders", help="images/s of each loader backend against the TRADES step's consumption")
+    lo.add_argument("--backends", default=None, help="comma-separated; default: every backend but auto")
+    lo.add_argument("--batch-size", type=int, default=128, help="default: 128")
+    lo.add_argument("--repeats", type=int, default=3, help="interleaved windows per backend; default: 3")
+    lo.add_argument("--step-model", default="resnet18", help="whose TRADES step the loaders are compared with")
+    for q in (p, k, ap, lo):
+        q.add_argument("--device", default="auto" if q is not k else "cuda", help="device; default: %(default)s")
+        q.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
+        q.add_argument("--out", default=f"bench_out/{q.prog.split()[-1]}", help="report folder; default: %(default)s")
 
 
-def step_command(ns: argparse.Namespace) -> tuple[dict, str]:
+def run_bench(ns: argparse.Namespace) -> int:
     split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
-    batches = [int(b) for b in split(ns.batches)]
-    if any(b < 1 for b in batches):
-        raise ConfigError(f"batch sizes must be >= 1, got {batches}")
-    report = run_step_bench(split(ns.methods), split(ns.models), batches, ns.device, dataset=ns.dataset,
-                            sensitivities=split(ns.sensitivities), repeats=ns.repeats, warmup=ns.warmup,
-                            compile=ns.compile, amp=ns.amp, channels_last=ns.channels_last, reference=ns.reference,
-                            data_dir=ns.data_dir, profile_dir=(ns.out if ns.profile else None),
-                            attack_steps=ns.attack_steps)
-    text = step_markdown(report)
     out = Path(ns.out)
-    write_json(out / "bench_step.json", report)
-    atomic_write_text(out / "bench_step.md", text)
-    return report, text
-
-
-def trades_consumption_rate(model_name: str, device: torch.device, data_dir: str | None, batch: int = 128,
-                            steps: int = 2, dataset: str = "cifar10") -> float:
-    """Images/s a TRADES-10 training step of ``model_name`` consumes on ``device`` (after one warm-up step)."""
-    cfg = TrainConfig(dataset=dataset, model=model_name, method="trades", batch_size=batch,
-                      device=str(device)).validate()
-    model = create_model(model_name, dataset=dataset).to(device, memory_format=torch.channels_last)
-    step = TrainStep(cfg, model, device)
-    x, y = _batch(dataset, batch, device, data_dir)
-    x = x.to(memory_format=torch.channels_last)
-    step(x, y)
-    times = []
-    for _ in range(steps):
-        r = step(x, y)
-        times.append(r.attack_s + r.update_s)
-    return batch / statistics.median(times)
-
-
-def loader_report(ns: argparse.Namespace) -> tuple[list[dict], str]:
-    from loaders import bench as loader_bench
-    dev = resolve_device(ns.device)
-    batch = 32 if dev.type == "cpu" else ns.batch_size  # keep the CPU consumption probe short
-    consumer = trades_consumption_rate(ns.step_model, dev, ns.data_dir, batch=batch)
-    rows = loader_bench.run(device=str(dev), batch_size=ns.batch_size, backends=tuple(ns.backends.split(",")),
-                            data_dir=ns.data_dir, consumer_img_per_s=consumer)
-    text = (f"Device: {device_description(dev)}. TRADES-10 {ns.step_model} step consumes {consumer:.1f} img/s "
-            f"(batch {batch}).\n\n" + loader_bench.format_markdown(rows, consumer_img_per_s=consumer))
-    return rows, text
+    if ns.bench_command == "step":
+        batches = [int(b) for b in split(ns.batches)]
+        if any(b < 1 for b in batches) or ns.repeats < 1:
+            raise ConfigError(f"batch sizes and --repeats must be >= 1, got {batches} and {ns.repeats}")
+        for m in split(ns.methods):
+            if m not in METHODS:
+                from .errors import unknown_name
+                raise unknown_name("method", m, METHODS)
+        data = run_step_bench(split(ns.methods), split(ns.models), batches, ns.device, dataset=ns.dataset,
+                              sensitivities=split(ns.sensitivities), repeats=ns.repeats, warmup=ns.warmup,
+                              compile=ns.compile, amp=ns.amp, reference=ns.reference, data_dir=ns.data_dir,
+                              attack_steps=ns.attack_steps)
+        text = step_markdown(data)
+    elif ns.bench_command == "attack-precision":
+        data = run_attack_precision(split(ns.models), ns.device, ns.batch, ns.train_steps, ns.data_dir)
+        text = f"Device: {device_description(resolve_device(ns.device))}.\n\n" + precision_markdown(data)
+    elif ns.bench_command == "kernels":
+        data = run_kernel_bench(ns.device, ns.repeats, ns.iters)
+        text = kernel_markdown(data) if data else ""
+    else:
+        dev = resolve_device(ns.device)
+        step = run_step_bench(["trades"], [ns.step_model], [32 if dev.type == "cpu" else ns.batch_size], str(dev),
+                              repeats=2, warmup=1, reference=False, data_dir=ns.data_dir, progress=False)
+        consumer = step["rows"][0]["img_per_s"]
+        data = run_loader_bench(str(dev), ns.batch_size, split(ns.backends) if ns.backends else None, ns.repeats,
+                                ns.data_dir, consumer)
+        text = (f"Device: {device_description(dev)}. TRADES-10 {ns.step_model} step consumes {consumer:.1f} img/s.\n\n"
+                + markdown_table(["backend", "img/s (median)", "img per CPU s", "loader / step", "status"],
+                                 [[r["backend"], r["img_per_s"], r.get("img_per_cpu_s"), r.get("loader_over_step"),
+                                   r.get("status")] for r in data]))
+    if text:
+        print(text)
+        write_json(out / f"bench_{ns.bench_command}.json", data)
+        atomic_write_text(out / f"bench_{ns.bench_command}.md", text + "\n")
+        print(f"written to {out}/bench_{ns.bench_command}.{{json,md}}")
+    return 0

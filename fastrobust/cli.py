@@ -1,87 +1,110 @@
-"""Command line: ``fastrobust {train,eval,data,bench}``.
+"""Command line: ``fastrobust {train,eval,data,bench,check-gpu}``.
 
-Every ``TrainConfig`` field is a ``train`` flag (``--lambda-norm mean``); evaluation fields take an
-``--eval-`` prefix (``--eval-aa-samples 500``). Tuples are comma-separated, optional values accept
-``none``. ``train --dry-run`` validates the configuration and prints it as JSON without training.
-Bad input ends with one clear line and exit status 2, never a traceback; a run stopped by SIGTERM
-exits with 143 after writing a checkpoint (``--resume`` continues it).
+Every flag of ``train`` comes from a config field (``--weight-decay``), a method option (``--dtrades-alpha``,
+named ``--<method>-<option>``) or an evaluation field (``--eval-aa-samples``); its help line, default and
+valid names come from the field's metadata. Tuples are comma-separated, optional values accept
+``none``, numbers accept fractions (``--eps 8/255``). ``train --dry-run`` validates and prints the
+configuration as JSON. Bad input ends with one clear line and exit status 2, never a traceback; a run
+stopped by SIGTERM exits with 143 after writing a checkpoint (``--resume`` continues it).
 
-Under ``torchrun`` (``torchrun --nproc_per_node N -m fastrobust train ...``) ``train`` and ``eval``
-run distributed without any other change: see README "Scaling out".
+Under ``torchrun`` (``torchrun --nproc_per_node N -m fastrobust train ...``) ``train`` and ``eval`` run
+distributed without any other change: see README "Scaling out".
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import kernels
+
 from .config import EvalConfig, TrainConfig
 from .errors import ConfigError, FastRobustError
+from .methods import METHODS
+from .models import NORMALIZATIONS, list_models
+from .options import base_type, help_text
 
 
-def _field_parser(tp: Any, name: str):
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    optional = type(None) in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        inner = _field_parser(args[0], name)
-        return lambda s: None if s.lower() == "none" else inner(s)
-    if origin is tuple:
-        elem = typing.get_args(tp)[0]
-        conv = _field_parser(elem, name)
-        return lambda s: tuple(conv(v) for v in s.split(",") if v.strip())
-    if tp in (int, float, str):
-        def convert(s: str, tp=tp):
-            try:
-                return tp(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"--{name} expects {tp.__name__}, got {s!r}") from None
-        return convert
-    if optional:
-        return lambda s: None if s.lower() == "none" else s
-    return str
+def _number(tp: type, name: str) -> Callable[[str], Any]:
+    def convert(s: str) -> Any:
+        try:
+            if tp is float and "/" in s:
+                num, den = s.split("/", 1)
+                return float(num) / float(den)
+            return tp(s)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"--{name} expects {'an integer' if tp is int else 'a number'}, "
+                                             f"got {s!r}") from None
+    return convert
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _parser_for(tp: Any, name: str) -> Callable[[str], Any]:
+    inner, optional = base_type(tp)
+    if typing.get_origin(inner) is tuple:
+        elem = _parser_for(typing.get_args(inner)[0], name)
+        conv = lambda s: tuple(elem(v) for v in s.split(",") if v.strip())  # noqa: E731
+    elif inner in (int, float):
+        conv = _number(inner, name)
+    else:
+        conv = str
+    return (lambda s: None if s.strip().lower() == "none" else conv(s)) if optional else conv
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Sequence[str] = ()) -> None:
-    hints = _hints(cls)
+def add_fields(parser: argparse._ActionsContainer, cls: type, prefix: str = "", skip: Sequence[str] = ()) -> None:
+    """One flag per dataclass field: ``--{prefix}{field}``, stored as ``{prefix}{field}``."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
-            continue
-        flag = "--" + prefix + f.name.replace("_", "-")
         tp = hints[f.name]
-        if tp is bool or tp == (bool | None):
-            parser.add_argument(flag, dest=prefix.replace("-", "_") + f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS)
+        if f.name in skip or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            continue
+        dest = (prefix + f.name).replace("-", "_")
+        flag = "--" + dest.replace("_", "-")
+        if base_type(tp)[0] is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text(f))
         else:
-            parser.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=_field_parser(tp, f.name),
-                                default=argparse.SUPPRESS, metavar=f.name.upper())
+            parser.add_argument(flag, dest=dest, type=_parser_for(tp, dest.replace("_", "-")), default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=help_text(f))
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    add_fields(parser, TrainConfig, skip=("method",))
+    parser.add_argument("--method", default=argparse.SUPPRESS, metavar="NAME",
+                        help=f"training method; one of {', '.join(sorted(METHODS))}; default: trades")
+    for name, cls in sorted(METHODS.items()):
+        if dataclasses.fields(cls):
+            add_fields(parser.add_argument_group(f"{name} options (with --method {name})"), cls, prefix=f"{name}_")
+    add_fields(parser.add_argument_group("evaluation options"), EvalConfig, prefix="eval_", skip=("dataset",))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the configuration, print it as JSON and exit (no data is loaded)")
 
 
 def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    cfg = base or TrainConfig()
+    """The flags of ``ns`` over ``base`` (default: TrainConfig()); not validated."""
+    cfg = dataclasses.replace(base or TrainConfig())
     values = vars(ns)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    eval_fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    updates = {k: v for k, v in values.items() if k in train_fields and k != "eval"}
-    eval_updates = {k[len("eval_"):]: v for k, v in values.items() if k.startswith("eval_") and k[len("eval_"):] in eval_fields}
-    cfg = dataclasses.replace(cfg, **updates)
-    cfg.eval = dataclasses.replace(cfg.eval, **eval_updates)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval", "method"}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in fields})
+    evals = {f.name for f in dataclasses.fields(EvalConfig)}
+    cfg.eval = dataclasses.replace(cfg.eval, **{k[5:]: v for k, v in values.items() if k[:5] == "eval_" and k[5:] in evals})
+    name = values.get("method", cfg.method.name)
+    if name not in METHODS:
+        from .errors import unknown_name
+        raise unknown_name("method", name, METHODS)
+    options = {}
+    for other, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            if f"{other}_{f.name}" in values:
+                if other != name:
+                    raise ConfigError(f"--{other}-{f.name.replace('_', '-')} is an option of method {other}, but the "
+                                      f"method is {name}: drop it or pass --method {other}.")
+                options[f.name] = values[f"{other}_{f.name}"]
+    keep = dataclasses.asdict(cfg.method) if cfg.method.name == name else {}
+    cfg.method = METHODS[name](**{**keep, **options})
     return cfg
-
-
-def add_train_flags(p_train: argparse.ArgumentParser) -> None:
-    add_config_flags(p_train, TrainConfig)
-    add_config_flags(p_train, EvalConfig, prefix="eval-", skip=("dataset",))
-    p_train.add_argument("--dry-run", action="store_true",
-                         help="validate the configuration, print it as JSON and exit (no data is loaded)")
 
 
 def parse_train_config(argv: Sequence[str]) -> TrainConfig:
@@ -95,46 +118,42 @@ def parse_train_config(argv: Sequence[str]) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrobust", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_flags(sub.add_parser("train", help="adversarial training (any method, model, dataset)"))
 
-    p_train = sub.add_parser("train", help="adversarial training (any method, model, dataset)")
-    add_train_flags(p_train)
-
-    p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint: NA, FGSM, PGD, AutoAttack")
-    p_eval.add_argument("--checkpoint", required=True, help="a .pt file written by fastrobust")
-    p_eval.add_argument("--dataset", default=None, help="defaults to the checkpoint's training dataset")
-    p_eval.add_argument("--model", default=None, help="assert the checkpoint holds this architecture")
-    p_eval.add_argument("--num-classes", type=int, default=None, help="assert the checkpoint's class count")
-    p_eval.add_argument("--data-dir", default=None)
-    p_eval.add_argument("--device", default="auto")
-    p_eval.add_argument("--out", default=None, help="folder for results.{md,csv,json} (default: beside the checkpoint)")
-    p_eval.add_argument("--weights", choices=("model", "ema"), default="model")
-    p_eval.add_argument("--no-progress", action="store_true")
-    add_config_flags(p_eval, EvalConfig, skip=("dataset",))
+    p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint or a plain state dict: NA, FGSM, PGD, "
+                                         "AutoAttack, with sanity checks")
+    p_eval.add_argument("--checkpoint", required=True, help="a .pt file: a fastrobust checkpoint, or a plain state dict "
+                                                            "(with --model; official TRADES/MART layouts are mapped)")
+    p_eval.add_argument("--dataset", default=None, help="test set (default: the checkpoint's training dataset; "
+                                                        "cifar10 for a state dict)")
+    p_eval.add_argument("--model", default=None, help=f"architecture: checked against a fastrobust checkpoint, "
+                                                      f"required for a state dict; one of {', '.join(list_models())}")
+    p_eval.add_argument("--num-classes", type=int, default=None, help="class count (default: the dataset's)")
+    p_eval.add_argument("--input-normalization", default=None, choices=sorted(NORMALIZATIONS),
+                        help="for a state dict: the normalisation the model expects inside it (none: raw [0, 1] "
+                             "inputs, as the official TRADES and MART models); default: the dataset's")
+    p_eval.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
+    p_eval.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; default: auto")
+    p_eval.add_argument("--out", default=None, help="folder for results.{md,csv,json} (default: the run's eval/ folder for a run's checkpoint, "
+                             "else eval/ beside the file)")
+    p_eval.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="which weights of a fastrobust checkpoint; default: model")
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_fields(p_eval, EvalConfig, skip=("dataset",))
 
     p_data = sub.add_parser("data", help="dataset utilities")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
-    p_write = data_sub.add_parser("write", help="write FFCV .beton files")
-    p_write.add_argument("--dataset", required=True)
-    p_write.add_argument("--split", required=True, choices=("train", "test"))
-    p_write.add_argument("--out", required=True)
-    p_write.add_argument("--data-dir", default=None)
-    p_write.add_argument("--limit", type=int, default=None)
+    p_write = data_sub.add_parser("write", help="write an FFCV .beton file")
+    p_write.add_argument("--dataset", required=True, help="cifar10 or mnist")
+    p_write.add_argument("--split", required=True, choices=("train", "test"), help="which split")
+    p_write.add_argument("--out", required=True, help="folder for the .beton")
+    p_write.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
+    p_write.add_argument("--limit", type=int, default=None, help="first n images only; default: all")
 
-    p_bench = sub.add_parser("bench", help="benchmarks: kernels, loaders, step")
-    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True)
-    b_kernels = bench_sub.add_parser("kernels", help="Triton kernels against eager and compiled references")
-    b_kernels.add_argument("--device", default="cuda")
-    b_kernels.add_argument("--out", default=None)
-    b_loaders = bench_sub.add_parser("loaders", help="images/s per loader backend on CIFAR-10 train")
-    b_loaders.add_argument("--device", default="auto")
-    b_loaders.add_argument("--data-dir", default=None)
-    b_loaders.add_argument("--backends", default="gpu,torch,ffcv")
-    b_loaders.add_argument("--batch-size", type=int, default=128)
-    b_loaders.add_argument("--out", default=None)
-    b_loaders.add_argument("--step-model", default="resnet18",
-                           help="model whose TRADES step consumption rate the loaders are compared with")
-    from .bench import add_step_parser
-    add_step_parser(bench_sub)
+    from .bench import add_bench_parsers
+    add_bench_parsers(sub.add_parser("bench", help="benchmarks: step, kernels, loaders"))
+    from .check_gpu import add_parser as add_check_gpu
+    add_check_gpu(sub)
     return parser
 
 
@@ -156,42 +175,52 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     import loaders
 
+    from . import checkpoint as ck
     from . import distributed as dist
-    from .checkpoint import load_checkpoint, load_model
-    from .evaluate import evaluate, results_markdown, save_results
-    from .report import manifest
-    from .train import _sha256, setup_device
+    from .evaluate import evaluate
+    from .models import create_model
+    from .report import manifest, results_markdown, save_results, sha256
+    from .train import setup_device
 
-    ev_fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg = EvalConfig(dataset=ns.dataset or "cifar10",
-                     **{k: v for k, v in vars(ns).items() if k in ev_fields and k != "dataset"})
-    cfg.resolved()  # bad options fail before anything is loaded
-    ckpt = load_checkpoint(ns.checkpoint)
-    spec = ckpt["spec"]
-    dataset = ns.dataset or (ckpt.get("config") or {}).get("dataset")
-    if dataset is None:
-        raise ConfigError(f"{ns.checkpoint} does not record its dataset; pass --dataset")
-    expected = {}
-    if ns.model:
-        expected["name"] = ns.model
-    if ns.num_classes:
-        expected["num_classes"] = ns.num_classes
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    cfg = EvalConfig(**{k: v for k, v in vars(ns).items() if k in fields and k != "dataset"}).validate()
+    obj = ck.read(ns.checkpoint)   # bad files fail here, before any data is loaded
+    is_ours = isinstance(obj, dict) and str(obj.get("format", "")).startswith(ck.FORMAT_NAME)
+    if not is_ours and ck.state_dict_in(obj) is not None:
+        if not ns.model:
+            raise ConfigError(f"{ns.checkpoint} holds a plain state dict with no model spec: pass --model NAME (one of "
+                              f"{', '.join(list_models())}), --dataset, and --input-normalization if needed.")
+        if ns.weights != "model":
+            raise ConfigError(f"--weights {ns.weights} is for fastrobust checkpoints; {ns.checkpoint} is a plain state "
+                              f"dict, with one set of weights: drop the flag.")
+        dataset = ns.dataset or "cifar10"
+        model = create_model(ns.model, dataset=dataset, num_classes=ns.num_classes,
+                             normalization=ns.input_normalization)
+        layout = ck.load_state_dict(ck.state_dict_in(obj), model, ns.checkpoint)
+        train_eps, spec_name = None, f"{ns.model} (state dict, {layout} layout)"
+    else:
+        ckpt = ck.check_format(obj, ns.checkpoint)
+        if ns.input_normalization is not None:   # silently ignoring it would evaluate another model than asked
+            raise ConfigError(f"--input-normalization is for plain state dicts; {ns.checkpoint} is a fastrobust "
+                              f"checkpoint, whose model records its own normalisation: drop the flag.")
+        dataset = ns.dataset or (ckpt.get("config") or {}).get("dataset")
+        if dataset is None:
+            raise ConfigError(f"{ns.checkpoint} does not record its dataset; pass --dataset")
+        info = loaders.dataset_info(dataset)
+        expected = {"num_classes": ns.num_classes or info.num_classes, "in_chans": info.channels,
+                    "img_size": info.size, **({"name": ns.model} if ns.model else {})}
+        model, _ = ck.load_model(ns.checkpoint, expected=expected, weights=ns.weights, ckpt=ckpt)
+        train_eps, spec_name = (ckpt.get("config") or {}).get("eps"), ckpt["spec"]["name"]
+    cfg = dataclasses.replace(cfg, dataset=dataset).resolved(train_eps)
     data = loaders.load_arrays(dataset, "test", ns.data_dir)
-    from .models import DATASET_STATS
-    if dataset in DATASET_STATS:
-        _, _, chans, size, classes = DATASET_STATS[dataset]
-        expected.setdefault("num_classes", data.num_classes)
-        expected.update(in_chans=chans, img_size=size)
     device = setup_device(ns.device)
-    model, _ = load_model(ns.checkpoint, device, expected=expected, weights=ns.weights)
-    cfg = dataclasses.replace(cfg, dataset=dataset)
     # under torchrun every rank attacks its share of the batches; the result is the single-process one
-    result = evaluate(model, data.images, data.labels, cfg, device, progress=not ns.no_progress)
-    name = f"{spec['name']} ({Path(ns.checkpoint).name})"
-    out = Path(ns.out) if ns.out else Path(ns.checkpoint).resolve().parent.parent / "eval"
+    result = evaluate(model.to(device), data.images, data.labels, cfg, device, progress=not ns.no_progress)
+    name = f"{spec_name} ({Path(ns.checkpoint).name})"
+    out = Path(ns.out) if ns.out else default_eval_dir(ns.checkpoint)
     if dist.is_main():
-        save_results({name: result}, out, manifest(dataclasses.asdict(cfg.resolved()), device=device, seed=cfg.seed,
-                                                   checkpoint=str(ns.checkpoint), checkpoint_sha256=_sha256(Path(ns.checkpoint)),
+        save_results({name: result}, out, manifest(dataclasses.asdict(cfg), device=device, seed=cfg.seed,
+                                                   checkpoint=str(ns.checkpoint), checkpoint_sha256=sha256(ns.checkpoint),
                                                    samples={"n": result.n, **result.n_attacked},
                                                    world_size=dist.world_size()))
         print(results_markdown({name: result}))
@@ -200,35 +229,16 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def default_eval_dir(checkpoint: str | Path) -> Path:
+    """runs/<name>/eval for a run's runs/<name>/checkpoints/*.pt, else an eval/ folder beside the file (a
+    downloaded state dict's folder's parent may be anything, even unwritable)."""
+    folder = Path(checkpoint).resolve().parent
+    return (folder.parent if folder.name == "checkpoints" else folder) / "eval"
+
+
 def _cmd_data(ns: argparse.Namespace) -> int:
     from loaders import write_beton
-    path = write_beton(ns.dataset, ns.split, ns.out, data_dir=ns.data_dir, limit=ns.limit)
-    print(path)
-    return 0
-
-
-def _cmd_bench(ns: argparse.Namespace) -> int:
-    from .report import atomic_write_text, write_json
-    if ns.bench_command == "kernels":
-        from kernels import bench
-        rows = bench.run(device=ns.device)
-        text = bench.format_markdown(rows) if rows else ""
-    elif ns.bench_command == "loaders":
-        from .bench import loader_report
-        rows, text = loader_report(ns)
-    elif ns.bench_command == "step":
-        from .bench import step_command
-        _, text = step_command(ns)
-        print(text)
-        print(f"written to {ns.out}/bench_step.{{json,md}}")
-        return 0
-    else:
-        raise ConfigError(f"unknown benchmark {ns.bench_command!r}")
-    if text:
-        print(text)
-    if ns.out and rows:
-        write_json(Path(ns.out) / f"bench_{ns.bench_command}.json", rows)
-        atomic_write_text(Path(ns.out) / f"bench_{ns.bench_command}.md", text + "\n")
+    print(write_beton(ns.dataset, ns.split, ns.out, data_dir=ns.data_dir, limit=ns.limit))
     return 0
 
 
@@ -241,13 +251,13 @@ def run_reporting_errors(run: Callable[[], int], prog: str = "fastrobust") -> in
     """Run a command; a user-facing error becomes one line on stderr and an exit status, never a
     traceback (2: bad input, the signal's status when interrupted). The process group is shut down."""
     from . import distributed as dist
-    from .train import TrainingInterrupted
+    from .errors import TrainingInterrupted
     try:
         return run()
     except TrainingInterrupted as e:
         print(f"{prog}: interrupted: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except FastRobustError as e:
+    except (FastRobustError, kernels.KernelCheckError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -258,9 +268,11 @@ def run_reporting_errors(run: Callable[[], int], prog: str = "fastrobust") -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": _cmd_bench}
+    ns = build_parser().parse_args(argv)
+    from .bench import run_bench
+    from .check_gpu import run as run_check_gpu
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": run_bench,
+                "check-gpu": run_check_gpu}
     return run_reporting_errors(lambda: handlers[ns.command](ns))
 
 

@@ -32,8 +32,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +41,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .attacks import FGSM, PGD, AutoAttack, eval_mode, weak_attack_warning
+from .attacks import ATTACKS, PGD, eval_mode, weak_attack_warning
 from .config import EvalConfig
-from .report import csv_text, markdown_table, plot_lines, write_json, atomic_write_text
 
-ATTACK_LABELS = {"fgsm": "FGSM", "pgd": "PGD-{steps}", "autoattack": "AutoAttack"}
 LARGE_EPS_MAX_RA = 0.05
 PGD_AA_MAX_GAP = 0.05
 MAX_CLASS_SHARE = 0.5
@@ -71,6 +68,7 @@ class EvalResult:
     n_attacked: dict[str, int]
     na_on_attacked: dict[str, float]
     conditional_asr: dict[str, float]
+    per_class: dict[str, list[float]] = field(default_factory=dict)  # accuracy per class: "natural" and each attack
     sweep: list[dict[str, float]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -83,19 +81,33 @@ class EvalResult:
     def asr(self) -> dict[str, float]:
         return {a: 1.0 - ra for a, ra in self.ra.items()}
 
+    def worst_class(self, attack: str) -> float:
+        """The lowest per-class accuracy under ``attack`` (FAAL's fairness criterion)."""
+        return min(v for v in self.per_class[attack] if v == v)
+
     @property
     def all_passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
     def label(self, attack: str) -> str:
-        if attack == "autoattack" and self.config.get("aa_version", "standard") != "standard":
-            return f"AutoAttack ({self.config['aa_version']}: {', '.join(self.config.get('aa_attacks') or ())})"
-        return ATTACK_LABELS[attack].format(steps=self.config["pgd_steps"])
+        return attack_label(attack, self.config)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(rd=self.rd, asr=self.asr, all_checks_passed=self.all_passed)
         return d
+
+
+def attack_label(name: str, config: dict) -> str:
+    """How results name an attack: its ``label(config)`` (e.g. PGD-20), else its ``name``."""
+    cls = ATTACKS[name]
+    return cls.label(config) if hasattr(cls, "label") else cls.name
+
+
+def _per_batch(name: str) -> bool:
+    """Whether an attack runs on every evaluated point (False: on the first cfg.aa_samples, for
+    attacks as costly as AutoAttack)."""
+    return getattr(ATTACKS[name], "per_batch", True)
 
 
 def _stderr(p: float, n: int) -> float:
@@ -104,6 +116,8 @@ def _stderr(p: float, n: int) -> float:
 
 def as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 NHWC (the loaders' array format) or float NCHW in [0, 1] -> float NCHW in [0, 1]."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # the loaders' arrays are read-only: a tensor must not alias them
     t = torch.as_tensor(images)
     if t.dtype == torch.uint8:
         if t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
@@ -171,7 +185,7 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     ``distributed`` (default: whether a process group with several ranks is initialised): every rank
     calls this with the same model and data, attacks its round-robin share of the batches, and all
     ranks return the same result, equal to the single-process one."""
-    cfg = cfg.resolved()
+    cfg = cfg.resolved()   # the radius must be set: evaluation never guesses a threat model
     device = torch.device(device)
     if distributed is None:
         distributed = dist.world_size() > 1
@@ -180,7 +194,8 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     torch.manual_seed(cfg.seed)
     n = len(labels) if cfg.num_samples is None else min(cfg.num_samples, len(labels))
     x_all = as_float_images(images[:n])
-    y_all = torch.as_tensor(np.asarray(labels[:n]) if not torch.is_tensor(labels) else labels[:n]).long()
+    # np.array copies: the loaders' label arrays are read-only
+    y_all = (labels[:n] if torch.is_tensor(labels) else torch.from_numpy(np.array(labels[:n]))).long()
     notes: list[str] = []
     pgd_note = weak_attack_warning(cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, f"PGD-{cfg.pgd_steps}")
     if pgd_note and "pgd" in cfg.attacks:
@@ -189,12 +204,11 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
             warnings.warn(pgd_note, stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the weak-attack note is recorded once above
-        attacks = {"fgsm": FGSM(eps=cfg.eps) if cfg.norm == "linf" else None,
-                   "pgd": PGD(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
-                              random_start=cfg.pgd_random_start, objective="ce")}
-    if cfg.norm != "linf" and "fgsm" in cfg.attacks:
-        notes.append("FGSM is an L-inf attack; skipped for an L2 evaluation.")
-    batch_attacks = [a for a in ("fgsm", "pgd") if a in cfg.attacks and attacks.get(a) is not None]
+        attacks = {a: ATTACKS[a].for_evaluation(cfg) for a in ATTACKS if a in cfg.attacks and _per_batch(a)}
+    for a in [a for a, attack in attacks.items() if attack is None]:
+        notes.append(f"{attack_label(a, dataclasses.asdict(cfg))} does not apply to the {cfg.norm} threat model; skipped.")
+        del attacks[a]
+    batch_attacks = list(attacks)
 
     flags = {"clean": torch.zeros(n, dtype=torch.bool)}
     preds = torch.zeros(n, dtype=torch.int64)
@@ -215,16 +229,18 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     clean = flags.pop("clean")
     correct = flags
 
-    n_aa = min(cfg.aa_samples, n) if "autoattack" in cfg.attacks else 0
-    if n_aa:
-        aa = AutoAttack(eps=cfg.eps, norm=cfg.norm, version=cfg.aa_version, batch_size=cfg.batch_size,
-                        seed=cfg.seed, device=device, attacks=cfg.aa_attacks or None)
-        aa_flags = torch.zeros(n_aa, dtype=torch.bool)
-        mine = _my_batches(_batches(n_aa, cfg.batch_size), rank, world)
-        for i, sl in tqdm(mine, desc="eval AutoAttack", disable=not progress, leave=False):
+    # The attacks too costly for every point (AutoAttack) run on the first cfg.aa_samples, and count a
+    # point as robust only when it is also clean-correct (AutoAttack does not attack the others).
+    n_few = min(cfg.aa_samples, n)
+    for a in [a for a in ATTACKS if a in cfg.attacks and not _per_batch(a) and n_few]:
+        attack = ATTACKS[a].for_evaluation(cfg, device)
+        few = torch.zeros(n_few, dtype=torch.bool)
+        mine = _my_batches(_batches(n_few, cfg.batch_size), rank, world)
+        for i, sl in tqdm(mine, desc=f"eval {attack_label(a, dataclasses.asdict(cfg))}", disable=not progress,
+                          leave=False):
             x, y = x_all[sl].to(device), y_all[sl].to(device)   # AutoAttack re-seeds itself (cfg.seed) per call
-            aa_flags[sl] = (predict(model, aa(model, x, y)) == y).cpu() & clean[sl]
-        correct["autoattack"] = _gather_flags({"aa": aa_flags}, world)["aa"]
+            few[sl] = (predict(model, attack(model, x, y)) == y).cpu() & clean[sl]
+        correct[a] = _gather_flags({a: few}, world)[a]
 
     ra, n_att, na_att, cond = {}, {}, {}, {}
     for a, flags_a in correct.items():
@@ -234,8 +250,10 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
         n_att[a] = m
         na_att[a] = float(base.float().mean())
         cond[a] = float((base & ~flags_a).sum()) / max(int(base.sum()), 1)
+    per_class = {a: _per_class(f, y_all[:len(f)]) for a, f in dict(correct, natural=clean).items()}
     result = EvalResult(config=dataclasses.asdict(cfg), n=n, na=float(clean.float().mean()), ra=ra,
-                        n_attacked=n_att, na_on_attacked=na_att, conditional_asr=cond, warnings=notes)
+                        n_attacked=n_att, na_on_attacked=na_att, conditional_asr=cond, per_class=per_class,
+                        warnings=notes)
     result.checks += ordering_checks(result, clean, correct)
     if "autoattack" in correct and "pgd" in correct:
         result.checks.append(attack_gap_check(result, correct))
@@ -249,9 +267,16 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     return result
 
 
+def _per_class(flags: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Accuracy per class label 0..max(y) (NaN for a class absent from these points)."""
+    counts = torch.bincount(y, minlength=int(y.max()) + 1 if len(y) else 1).double()
+    hits = torch.bincount(y, weights=flags.double(), minlength=len(counts))
+    return [float(v) for v in torch.where(counts > 0, hits / counts.clamp_min(1), float("nan"))]
+
+
 def ordering_checks(result: EvalResult, clean: torch.Tensor, correct: dict[str, torch.Tensor]) -> list[Check]:
-    """AutoAttack <= PGD <= FGSM <= NA, each pair compared on the same points."""
-    order = [a for a in ("autoattack", "pgd", "fgsm") if a in correct] + ["natural"]
+    """AutoAttack <= PGD <= FGSM <= NA (the registry's order reversed), each pair on the same points."""
+    order = [a for a in reversed(ATTACKS) if a in correct] + ["natural"]
     flags = dict(correct, natural=clean)
     checks = []
     for stronger, weaker in zip(order, order[1:]):
@@ -328,56 +353,3 @@ def sweep_checks(sweep: list[dict[str, float]], na: float, m: int) -> list[Check
                         f"PGD RA {100 * last['ra']:.2f}% at eps {last['eps']:.4g} (the whole box; "
                         f"<= {100 * LARGE_EPS_MAX_RA:.0f}% expected)"))
     return checks
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables and files
-
-def table_rows(results: dict[str, EvalResult]) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """The paper's layout, one row per model: accuracy, robustness drop and attack success rate (%)."""
-    attacks = [a for a in ("fgsm", "pgd", "autoattack") if any(a in r.ra for r in results.values())]
-    any_r = next(iter(results.values()))
-    labels = [any_r.label(a) for a in attacks]
-    pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
-    acc = [[name, pct(r.na)] + [pct(r.ra.get(a)) for a in attacks] for name, r in results.items()]
-    rd = [[name] + [pct(r.rd.get(a)) for a in attacks] for name, r in results.items()]
-    asr = [[name] + [pct(r.asr.get(a)) for a in attacks] + [pct(r.conditional_asr.get(a)) for a in attacks]
-           for name, r in results.items()]
-    return {"accuracy": (["Model", "Natural"] + labels, acc),
-            "robustness_drop": (["Model"] + labels, rd),
-            "attack_success_rate": (["Model"] + labels + [f"{lab} (cond.)" for lab in labels], asr)}
-
-
-def results_markdown(results: dict[str, EvalResult]) -> str:
-    tables = table_rows(results)
-    r0 = next(iter(results.values()))
-    cfg = r0.config
-    header = (f"Threat model: {cfg['norm']} eps = {cfg['eps']:.4g}; PGD-{cfg['pgd_steps']} step {cfg['pgd_step_size']:.4g} "
-              f"({cfg['pgd_random_start']} start); {r0.n} test points (AutoAttack {cfg['aa_version']} on the first "
-              f"{r0.n_attacked.get('autoattack', 0)}). All numbers in %.")
-    parts = [header, "", "**Accuracy (NA and RA)**", "", markdown_table(*tables["accuracy"]), "",
-             "**Robustness drop RD = NA - RA**", "", markdown_table(*tables["robustness_drop"]), "",
-             "**Attack success rate: ASR = 1 - RA; conditional = share of clean-correct points flipped**", "",
-             markdown_table(*tables["attack_success_rate"]), "", "**Sanity checks**", ""]
-    for name, r in results.items():
-        parts += [f"- {name}: {c.line()}" for c in r.checks]
-        parts += [f"- {name}: warning: {w}" for w in r.warnings]
-    return "\n".join(parts) + "\n"
-
-
-def save_results(results: dict[str, EvalResult], out_dir: str | Path, manifest: dict | None = None) -> dict[str, Path]:
-    out = Path(out_dir)
-    tables = table_rows(results)
-    paths = {"md": atomic_write_text(out / "results.md", results_markdown(results)),
-             "json": write_json(out / "results.json", {k: r.to_dict() for k, r in results.items()})}
-    csv_parts = []
-    for name, (headers, rows) in tables.items():
-        csv_parts.append(csv_text(["table"] + headers, [[name] + row for row in rows]))
-    paths["csv"] = atomic_write_text(out / "results.csv", "".join(csv_parts))
-    sweeps = {name: ([p["eps"] for p in r.sweep], [100 * p["ra"] for p in r.sweep]) for name, r in results.items() if r.sweep}
-    if sweeps:
-        paths["sweep_png"] = plot_lines(out / "eps_sweep.png", sweeps, xlabel="eps", ylabel="PGD robust accuracy (%)",
-                                        title="Robust accuracy against radius")
-    if manifest is not None:
-        paths["manifest"] = write_json(out / "eval_manifest.json", manifest)
-    return paths

@@ -15,13 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import loaders
+
 from .errors import ConfigError, unknown_name
 
-DATASET_STATS = {
-    # (mean, std, channels, size, classes)
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), 3, 32, 10),
-    "mnist": ((0.1307,), (0.3081,), 1, 28, 10),
-}
+# Per-channel input normalisation (mean, std) by name: each dataset's training statistics (from the
+# loaders' dataset registry, which also holds geometry and class counts), and "none" for models that
+# take raw [0, 1] inputs (the official TRADES and MART models).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "none": None, **{name: (info.mean, info.std) for name, info in loaders.DATASETS.items()}}
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -95,20 +97,27 @@ class RobustModel(nn.Module):
 
 def create_model(name: str, *, num_classes: int | None = None, in_chans: int | None = None,
                  img_size: int | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, dataset: str | None = None) -> RobustModel:
-    """Build a registered model. ``dataset`` fills in whatever geometry, class count and
-    normalisation is not given explicitly; without it the defaults are 10 classes, 3x32x32, no scaling."""
+                 std: Sequence[float] | None = None, dataset: str | None = None,
+                 normalization: str | None = None) -> RobustModel:
+    """Build a registered model. ``dataset`` fills in whatever geometry and class count is not given
+    explicitly (and, unless ``normalization`` names another entry of :data:`NORMALIZATIONS`, that
+    dataset's normalisation); without it the defaults are 10 classes, 3x32x32, no scaling."""
     if name not in _REGISTRY:
         raise unknown_name("model", name, _REGISTRY)
     if dataset is not None:
-        if dataset not in DATASET_STATS:
-            raise unknown_name("dataset", dataset, DATASET_STATS)
-        dmean, dstd, dchans, dsize, dclasses = DATASET_STATS[dataset]
-        num_classes = dclasses if num_classes is None else num_classes
-        in_chans = dchans if in_chans is None else in_chans
-        img_size = dsize if img_size is None else img_size
-        mean = dmean if mean is None and in_chans == dchans else mean
-        std = dstd if std is None and in_chans == dchans else std
+        info = loaders.dataset_info(dataset)
+        num_classes = info.num_classes if num_classes is None else num_classes
+        in_chans = info.channels if in_chans is None else in_chans
+        img_size = info.size if img_size is None else img_size
+        if normalization is None and in_chans == info.channels:
+            normalization = info.name
+    if normalization is not None:
+        if normalization not in NORMALIZATIONS:
+            raise unknown_name("input normalisation", normalization, NORMALIZATIONS)
+        stats = NORMALIZATIONS[normalization]
+        if stats is not None:  # per field: an explicit mean keeps the named std, and the reverse
+            mean = stats[0] if mean is None else mean
+            std = stats[1] if std is None else std
     num_classes = 10 if num_classes is None else int(num_classes)
     in_chans = 3 if in_chans is None else int(in_chans)
     img_size = 32 if img_size is None else int(img_size)
@@ -119,7 +128,8 @@ def create_model(name: str, *, num_classes: int | None = None, in_chans: int | N
     mean = tuple(mean) if mean is not None else (0.0,) * in_chans
     std = tuple(std) if std is not None else (1.0,) * in_chans
     if len(mean) != in_chans:
-        raise ConfigError(f"{len(mean)} normalisation means given for {in_chans} input channels")
+        raise ConfigError(f"{len(mean)} normalisation means given for {in_chans} input channels (normalisation "
+                          f"{normalization!r}); choose one for {in_chans}-channel inputs")
     spec = ModelSpec(name, num_classes, in_chans, img_size, mean, std)
     return RobustModel(spec, _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, img_size=img_size))
 

@@ -1,7 +1,11 @@
-"""Reporting: run manifests, Markdown/CSV/JSON tables, and plots."""
+"""Reporting: run manifests, hashes, Markdown/CSV/JSON tables and files, and PNG plots.
+
+Everything a run or a benchmark writes goes through here, atomically (a reader never sees half a file).
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -10,9 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +49,23 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def sha256(path: str | Path) -> str | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def git_commit() -> dict[str, Any]:
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        commit = run("rev-parse", "HEAD")
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": commit or None, "dirty": dirty}
+        return {"commit": run("rev-parse", "HEAD") or None,
+                "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -66,7 +83,8 @@ def device_description(device: str | torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return (f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def versions() -> dict[str, str | None]:
@@ -105,24 +123,21 @@ def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def _pyplot():
+# ---------------------------------------------------------------------------------------- plots
+def _axes(size: tuple[float, float]):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+    fig, ax = plt.subplots(figsize=size, dpi=120)
+    return plt, fig, ax
 
 
-def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
-               ylabel: str, title: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
+def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str, legend: bool) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if legend:
         ax.legend()
     fig.tight_layout()
     path = Path(path)
@@ -132,19 +147,114 @@ def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequen
     return path
 
 
+def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
+               ylabel: str, title: str) -> Path:
+    plt, fig, ax = _axes((5.5, 3.8))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=label)
+    return _save(plt, fig, ax, path, xlabel, ylabel, title, len(series) > 1)
+
+
 def plot_scatter(path: str | Path, points: dict[str, tuple[float, float]], *, xlabel: str, ylabel: str,
                  title: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    plt, fig, ax = _axes((5, 4))
     for label, (x, y) in points.items():
         ax.scatter([x], [y], s=40)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, xlabel, ylabel, title, False)
+
+
+def plot_na_ra(path: str | Path, results: dict[str, "EvalResult"], attack: str = "pgd") -> Path:
+    """NA against RA, one point per model (the Pareto view of a comparison)."""
+    points = {k: (100 * r.na, 100 * r.ra.get(attack, float("nan"))) for k, r in results.items()}
+    label = next(iter(results.values())).label(attack)
+    return plot_scatter(path, points, xlabel="natural accuracy (%)", ylabel=f"{label} robust accuracy (%)",
+                        title="NA against RA")
+
+
+# ---------------------------------------------------------------------------------------- training
+def throughput_markdown(rows: dict[str, dict[str, Any]]) -> str:
+    headers = ["Run", "img/s", "ms/step", "attack ms", "update ms", "attack share", "peak MB", "device"]
+    body = [[name, r.get("img_per_s"), r.get("ms_per_step"), r.get("attack_ms"), r.get("update_ms"),
+             r.get("attack_share"), r.get("peak_memory_mb"), r.get("device")] for name, r in rows.items()]
+    return "**Training throughput** (median over timed steps, first 2 excluded)\n\n" + markdown_table(headers, body) + "\n"
+
+
+HISTORY_COLUMNS = ("epoch", "lr", "val_na", "val_pgd_ra", "val_worst_class_pgd_ra", "img_per_s", "ms_per_step",
+                   "attack_ms", "update_ms", "peak_memory_mb", "epoch_seconds")
+
+
+def write_history(out: Path, history: list[dict[str, Any]], steps_per_epoch: int, title: str) -> None:
+    """``epochs.csv`` and ``curves.png`` (train loss per logged step, validation NA and RA per epoch)."""
+    if not history:
+        return
+    atomic_write_text(out / "epochs.csv", csv_text(HISTORY_COLUMNS, [[h.get(k) for k in HISTORY_COLUMNS]
+                                                                     for h in history]))
+    log = out / "log.jsonl"
+    steps = [json.loads(line) for line in log.read_text().splitlines() if '"kind": "step"' in line] \
+        if log.exists() else []
+    series = {}
+    if steps:
+        series["train loss"] = ([s["step"] / steps_per_epoch for s in steps], [s["loss"] for s in steps])
+    epochs = [h["epoch"] for h in history]
+    if any("val_na" in h for h in history):
+        series["val NA"] = (epochs, [h.get("val_na", float("nan")) for h in history])
+        series["val PGD RA"] = (epochs, [h.get("val_pgd_ra", float("nan")) for h in history])
+    if series:
+        plot_lines(out / "curves.png", series, xlabel="epoch", ylabel="loss / accuracy", title=title)
+
+
+# ---------------------------------------------------------------------------------------- results
+def threat_model_line(r: "EvalResult") -> str:
+    cfg = r.config
+    return (f"Threat model: {cfg['norm']} eps = {cfg['eps']:.5g}; PGD-{cfg['pgd_steps']} step "
+            f"{cfg['pgd_step_size']:.4g} ({cfg['pgd_random_start']} start); {r.n} test points (AutoAttack "
+            f"{cfg['aa_version']} on the first {r.n_attacked.get('autoattack', 0)}). All numbers in %.")
+
+
+def table_rows(results: dict[str, "EvalResult"]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """The paper's layout, one row per model: accuracy, robustness drop and attack success rate (%).
+    Every attack column names its radius, so a number is never read against another threat model's."""
+    from .attacks import ATTACKS
+    attacks = [a for a in ATTACKS if any(a in r.ra for r in results.values())]
+    any_r = next(iter(results.values()))
+    labels = [f"{any_r.label(a)} (eps {any_r.config['eps']:.4g})" for a in attacks]
+    pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
+    acc = [[name, pct(r.na)] + [pct(r.ra.get(a)) for a in attacks] for name, r in results.items()]
+    rd = [[name] + [pct(r.rd.get(a)) for a in attacks] for name, r in results.items()]
+    asr = [[name] + [pct(r.asr.get(a)) for a in attacks] + [pct(r.conditional_asr.get(a)) for a in attacks]
+           for name, r in results.items()]
+    return {"accuracy": (["Model", "Natural"] + labels, acc),
+            "robustness_drop": (["Model"] + labels, rd),
+            "attack_success_rate": (["Model"] + labels + [f"{lab} (cond.)" for lab in labels], asr)}
+
+
+def results_markdown(results: dict[str, "EvalResult"]) -> str:
+    tables = table_rows(results)
+    parts = [threat_model_line(next(iter(results.values()))), "", "**Accuracy (NA and RA)**", "",
+             markdown_table(*tables["accuracy"]), "", "**Robustness drop RD = NA - RA**", "",
+             markdown_table(*tables["robustness_drop"]), "",
+             "**Attack success rate: ASR = 1 - RA; conditional = share of clean-correct points flipped**", "",
+             markdown_table(*tables["attack_success_rate"]), "", "**Sanity checks**", ""]
+    for name, r in results.items():
+        parts += [f"- {name}: {c.line()}" for c in r.checks]
+        parts += [f"- {name}: warning: {w}" for w in r.warnings]
+    return "\n".join(parts) + "\n"
+
+
+def save_results(results: dict[str, "EvalResult"], out_dir: str | Path, manifest: dict | None = None) -> dict[str, Path]:
+    """``results.{md,csv,json}``, ``eps_sweep.png``, ``na_ra.png`` and (given) ``eval_manifest.json``."""
+    out = Path(out_dir)
+    tables = table_rows(results)
+    paths = {"md": atomic_write_text(out / "results.md", results_markdown(results)),
+             "json": write_json(out / "results.json", {k: r.to_dict() for k, r in results.items()}),
+             "csv": atomic_write_text(out / "results.csv", "".join(
+                 csv_text(["table"] + headers, [[name] + row for row in rows]) for name, (headers, rows) in tables.items()))}
+    sweeps = {name: ([p["eps"] for p in r.sweep], [100 * p["ra"] for p in r.sweep]) for name, r in results.items() if r.sweep}
+    if sweeps:
+        paths["sweep_png"] = plot_lines(out / "eps_sweep.png", sweeps, xlabel="eps", ylabel="PGD robust accuracy (%)",
+                                        title="Robust accuracy against radius")
+    paths["na_ra_png"] = plot_na_ra(out / "na_ra.png", results)
+    if manifest is not None:
+        paths["manifest"] = write_json(out / "eval_manifest.json", manifest)
+    return paths

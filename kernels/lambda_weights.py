@@ -103,6 +103,11 @@ def _weights_reduce_kernel(
     tl.store(loss_ptr, tl.sum(acc, 0) / B)
 
 
+def reduce_block(B: int) -> int:
+    """The single program's block: the whole batch up to 1024 rows."""
+    return min(next_pow2(max(B, 16)), _MAX_BLOCK)
+
+
 def weights_reduce(stats: torch.Tensor, mode: int, *, sensitivity: torch.Tensor | None = None,
                    alpha: float = 0.0, beta: float = 0.0, normalize: str = "none", lambda_scale: float = 1.0,
                    kl_weight: torch.Tensor | None = None, kl_weight_scalar: float = 0.0,
@@ -121,7 +126,7 @@ def weights_reduce(stats: torch.Tensor, mode: int, *, sensitivity: torch.Tensor 
     s = sensitivity.contiguous() if sensitivity is not None else stats
     w = kl_weight.contiguous() if kl_weight is not None else stats
     c = sample_weight.contiguous() if sample_weight is not None else stats
-    block = min(next_pow2(max(B, 16)), _MAX_BLOCK)
+    block = reduce_block(B)
     with device_ctx(stats):
         _weights_reduce_kernel[(1,)](
             stats, s, w, c, lam if lam is not None else stats, loss,

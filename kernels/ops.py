@@ -28,7 +28,7 @@ from torch import Tensor
 from .fused_loss_head import NSTAT, ROW, head_backward, head_forward
 from .fused_pgd_step import out_like, pgd_step_forward
 from .lambda_weights import MODE_DTRADES, MODE_MART, MODE_TRADES, weights_reduce
-from .reference import LossHead
+from .reference import LossHead, LossOutput
 
 _NS = "fastrobust"
 
@@ -200,37 +200,40 @@ def _check_per_sample(name: str, t: Optional[Tensor], B: int) -> None:
         raise ValueError(f"{name} must be a ({B},) tensor, got {tuple(t.shape)}")
 
 
-def trades_loss(z: Tensor, z_adv: Tensor, y: Tensor, kl_weight, sample_weight: Optional[Tensor] = None) -> Tensor:
+def _head(stats: Tensor, widx: Tensor) -> LossHead:
+    return LossHead(*(stats[ROW[name]] for name in LossHead._fields[:-1]), widx)
+
+
+def trades_loss(z: Tensor, z_adv: Tensor, y: Tensor, kl_weight, sample_weight: Optional[Tensor] = None) -> LossOutput:
     B = z.shape[0]
     if isinstance(kl_weight, Tensor) and kl_weight.dim() == 0:
         kl_weight = kl_weight.detach().expand(B)
     w, w_scalar = _split_weight(kl_weight, z)
     _check_per_sample("kl_weight", w, B)
     _check_per_sample("sample_weight", sample_weight, B)
-    loss, _, _ = trades_loss_op(z, z_adv, y, w, w_scalar, _f32(sample_weight, z))
-    return loss
+    loss, stats, widx = trades_loss_op(z, z_adv, y, w, w_scalar, _f32(sample_weight, z))
+    return LossOutput(loss, _head(stats, widx))
 
 
 def dtrades_loss(z: Tensor, z_adv: Tensor, y: Tensor, sensitivity: Tensor, alpha: float, beta: float,
                  normalize: str = "minmax", lambda_scale: float = 1.0, entropy_eps: float = 1e-12,
-                 sample_weight: Optional[Tensor] = None):
+                 sample_weight: Optional[Tensor] = None) -> LossOutput:
     B = z.shape[0]
     _check_per_sample("sensitivity", sensitivity, B)
     _check_per_sample("sample_weight", sample_weight, B)
-    loss, lam, stats, _ = dtrades_loss_op(z, z_adv, y, _f32(sensitivity, z), float(alpha), float(beta), normalize,
-                                          float(lambda_scale), float(entropy_eps), _f32(sample_weight, z))
-    return loss, lam, stats[ROW["ce_nat"]], stats[ROW["kl"]], stats[ROW["entropy"]]
+    loss, lam, stats, widx = dtrades_loss_op(z, z_adv, y, _f32(sensitivity, z), float(alpha), float(beta), normalize,
+                                             float(lambda_scale), float(entropy_eps), _f32(sample_weight, z))
+    return LossOutput(loss, _head(stats, widx), lam)
 
 
-def mart_loss(z: Tensor, z_adv: Tensor, y: Tensor, beta: float, sample_weight: Optional[Tensor] = None) -> Tensor:
+def mart_loss(z: Tensor, z_adv: Tensor, y: Tensor, beta: float, sample_weight: Optional[Tensor] = None) -> LossOutput:
     _check_per_sample("sample_weight", sample_weight, z.shape[0])
-    loss, _, _ = mart_loss_op(z, z_adv, y, float(beta), _f32(sample_weight, z))
-    return loss
+    loss, stats, widx = mart_loss_op(z, z_adv, y, float(beta), _f32(sample_weight, z))
+    return LossOutput(loss, _head(stats, widx))
 
 
 def loss_head(z: Tensor, z_adv: Tensor, y: Tensor, entropy_eps: float = 1e-12) -> LossHead:
-    stats, widx = loss_head_op(z.detach(), z_adv.detach(), y, float(entropy_eps))
-    return LossHead(*(stats[ROW[name]] for name in LossHead._fields[:-1]), widx)
+    return _head(*loss_head_op(z.detach(), z_adv.detach(), y, float(entropy_eps)))
 
 
 def pgd_step(x_adv: Tensor, grad: Tensor, x_nat: Tensor, step_size: float, eps: float, norm: str = "linf"):

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossHead", "loss_head", "trades_loss", "dtrades_loss", "mart_loss", "pgd_step",
-           "normalize_batch", "NORMALIZE_MODES", "PGD_NORMS", "MART_EPS"]
+__all__ = ["LossHead", "LossOutput", "loss_head", "trades_loss", "dtrades_loss", "dtrades_weight", "mart_loss",
+           "pgd_step", "kl_divergence", "normalize_batch", "NORMALIZE_MODES", "PGD_NORMS", "MART_EPS"]
 
 NORMALIZE_MODES = ("minmax", "mean", "none")
 PGD_NORMS = ("linf", "l2")
@@ -44,6 +44,13 @@ class LossHead(NamedTuple):
     q_y: torch.Tensor
     q_wrong: torch.Tensor
     wrong_idx: torch.Tensor
+
+
+class LossOutput(NamedTuple):
+    """A loss and the per-sample statistics computed with it (once, in the same pass)."""
+    loss: torch.Tensor                 # scalar, differentiable w.r.t. both logit tensors
+    head: LossHead                     # detached per-sample statistics
+    lam: torch.Tensor | None = None    # D-TRADES: the per-sample KL weight used (detached)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +81,8 @@ def _log_softmax_pair(z, z_adv):
     return F.log_softmax(_acc(z), dim=1), F.log_softmax(_acc(z_adv), dim=1)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``KL(p || q) = sum_c p (log p - log q)`` from log-probabilities (B, C) -> (B,)."""
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
@@ -92,19 +100,29 @@ def _wrong_idx(z_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return masked.argmax(1)
 
 
-def normalize_batch(v: torch.Tensor, mode: str) -> torch.Tensor:
+def normalize_batch(v: torch.Tensor, mode: str, reduce=None) -> torch.Tensor:
     """Batch normalisation of a non-negative per-sample statistic (D-TRADES' H and s).
 
     ``minmax``: (v - min) / (max - min), 0.5 everywhere when max == min;
-    ``mean``: v / mean(v), 1 everywhere when mean(v) == 0; ``none``: v."""
+    ``mean``: v / mean(v), 1 everywhere when mean(v) == 0; ``none``: v.
+    ``reduce(t, op)`` (op "max" or "sum"), when given, combines the batch statistics across
+    processes (an all-reduce), so that v is normalised over the global batch."""
     if mode == "minmax":
-        lo, hi = v.min(), v.max()
+        if reduce is None:
+            lo, hi = v.min(), v.max()
+        else:
+            neg_lo, hi = reduce(torch.stack([-v.min(), v.max()]), "max").unbind(0)
+            lo = -neg_lo
         span = hi - lo
         spread = span > 0
         return torch.where(spread, (v - lo) / torch.where(spread, span, torch.ones_like(span)),
                            torch.full_like(v, 0.5))
     if mode == "mean":
-        m = v.mean()
+        if reduce is None:
+            m = v.mean()
+        else:
+            total, count = reduce(torch.stack([v.sum(), v.new_tensor(float(v.numel()))]), "sum").unbind(0)
+            m = total / count
         nonzero = m != 0
         return torch.where(nonzero, v / torch.where(nonzero, m, torch.ones_like(m)), torch.ones_like(v))
     if mode == "none":
@@ -112,73 +130,85 @@ def normalize_batch(v: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown normalisation {mode!r}; valid: {', '.join(NORMALIZE_MODES)}")
 
 
+def _head(log_p: torch.Tensor, log_q: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor,
+          entropy_eps: float) -> LossHead:
+    with torch.no_grad():
+        log_p, log_q = log_p.detach(), log_q.detach()
+        idx = _wrong_idx(_acc(z_adv), y)
+        p_y = log_p.gather(1, y[:, None]).squeeze(1).exp()
+        q_y = log_q.gather(1, y[:, None]).squeeze(1).exp()
+        q_wrong = log_q.gather(1, idx[:, None]).squeeze(1).exp()
+        return LossHead(_ce(log_p, y), _ce(log_q, y), kl_divergence(log_p, log_q), _entropy(log_p, entropy_eps),
+                        p_y, q_y, q_wrong, idx)
+
+
 def loss_head(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor, entropy_eps: float = 1e-12) -> LossHead:
     """Per-sample statistics (forward only, no autograd): see :class:`LossHead`."""
     _check_logits(z, z_adv, y)
     with torch.no_grad():
         log_p, log_q = _log_softmax_pair(z, z_adv)
-        idx = _wrong_idx(_acc(z_adv), y)
-        p_y = log_p.gather(1, y[:, None]).squeeze(1).exp()
-        q_y = log_q.gather(1, y[:, None]).squeeze(1).exp()
-        q_wrong = log_q.gather(1, idx[:, None]).squeeze(1).exp()
-        return LossHead(_ce(log_p, y), _ce(log_q, y), _kl(log_p, log_q), _entropy(log_p, entropy_eps),
-                        p_y, q_y, q_wrong, idx)
+        return _head(log_p, log_q, z_adv, y, entropy_eps)
+
+
+def _weighted_mean(per: torch.Tensor, sample_weight) -> torch.Tensor:
+    if sample_weight is not None:
+        per = per * _per_sample(sample_weight, per)
+    return per.mean()
 
 
 def trades_loss(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor, kl_weight,
-                sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``(1/B) sum_i c_i (ce_nat_i + w_i kl_i)``: scalar.
+                sample_weight: torch.Tensor | None = None) -> LossOutput:
+    """``(1/B) sum_i c_i (ce_nat_i + w_i kl_i)``, with the batch's :class:`LossHead`.
 
     ``kl_weight`` w is a float or a (B,) tensor, ``sample_weight`` c an optional (B,) tensor; both are
     constants (no gradient flows into them). Gradients flow into both ``z`` and ``z_adv``."""
     _check_logits(z, z_adv, y)
     log_p, log_q = _log_softmax_pair(z, z_adv)
     w = _per_sample(kl_weight, log_p[:, 0])
-    per = _ce(log_p, y) + w * _kl(log_p, log_q)
-    if sample_weight is not None:
-        per = per * _per_sample(sample_weight, per)
-    return per.mean()
+    loss = _weighted_mean(_ce(log_p, y) + w * kl_divergence(log_p, log_q), sample_weight)
+    return LossOutput(loss, _head(log_p, log_q, z_adv, y, 1e-12))
+
+
+def dtrades_weight(entropy: torch.Tensor, sensitivity: torch.Tensor, alpha: float, beta: float,
+                   normalize: str = "minmax", lambda_scale: float = 1.0, reduce=None) -> torch.Tensor:
+    """D-TRADES' per-sample KL weight ``lam = lambda_scale (alpha norm(H) + beta norm(s))``, detached
+    (``reduce``: see :func:`normalize_batch`)."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"unknown normalisation {normalize!r}; valid: {', '.join(NORMALIZE_MODES)}")
+    with torch.no_grad():
+        s = _per_sample(sensitivity, entropy)
+        return lambda_scale * (alpha * normalize_batch(entropy.detach(), normalize, reduce)
+                               + beta * normalize_batch(s, normalize, reduce))
 
 
 def dtrades_loss(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor, sensitivity: torch.Tensor,
                  alpha: float, beta: float, normalize: str = "minmax", lambda_scale: float = 1.0,
-                 entropy_eps: float = 1e-12, sample_weight: torch.Tensor | None = None):
-    """D-TRADES: ``lam = lambda_scale (alpha norm(H) + beta norm(s))`` (a constant), loss as :func:`trades_loss`
-    with ``kl_weight=lam``.
-
-    Returns ``(loss, lam, ce_nat, kl, entropy)``: the scalar loss (differentiable w.r.t. both logit
-    tensors) and four detached (B,) tensors for logging."""
+                 entropy_eps: float = 1e-12, sample_weight: torch.Tensor | None = None,
+                 reduce=None) -> LossOutput:
+    """D-TRADES: :func:`trades_loss` with ``kl_weight =`` :func:`dtrades_weight` of the clean entropy H and
+    the sensitivity s. ``reduce`` normalises H and s over the global batch (see :func:`normalize_batch`).
+    Returns the loss, the :class:`LossHead` and ``lam``."""
     _check_logits(z, z_adv, y)
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"unknown normalisation {normalize!r}; valid: {', '.join(NORMALIZE_MODES)}")
     log_p, log_q = _log_softmax_pair(z, z_adv)
-    ce = _ce(log_p, y)
-    kl = _kl(log_p, log_q)
-    with torch.no_grad():
-        entropy = _entropy(log_p, entropy_eps)
-        s = _per_sample(sensitivity, entropy)
-        lam = lambda_scale * (alpha * normalize_batch(entropy, normalize) + beta * normalize_batch(s, normalize))
-    per = ce + lam * kl
-    if sample_weight is not None:
-        per = per * _per_sample(sample_weight, per)
-    return per.mean(), lam, ce.detach(), kl.detach(), entropy
+    head = _head(log_p, log_q, z_adv, y, entropy_eps)
+    lam = dtrades_weight(head.entropy, sensitivity, alpha, beta, normalize, lambda_scale, reduce)
+    loss = _weighted_mean(_ce(log_p, y) + lam * kl_divergence(log_p, log_q), sample_weight)
+    return LossOutput(loss, head, lam)
 
 
 def mart_loss(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor, beta: float,
-              sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """MART: ``(1/B) sum_i c_i (ce_adv_i - log(1.0001 - q_wrong_i) + beta kl_i (1 - p_y_i))``: scalar.
-
-    Gradients flow through q_wrong (its value), kl and p_y (not detached, as in the official code)."""
+              sample_weight: torch.Tensor | None = None) -> LossOutput:
+    """MART: ``(1/B) sum_i c_i (ce_adv_i - log(1.0001 - q_wrong_i) + beta kl_i (1 - p_y_i))``, with the
+    batch's :class:`LossHead`. Gradients flow through q_wrong (its value), kl and p_y (not detached, as in
+    the official code)."""
     _check_logits(z, z_adv, y)
     log_p, log_q = _log_softmax_pair(z, z_adv)
     q = log_q.exp()
     idx = _wrong_idx(_acc(z_adv), y)
     q_wrong = q.gather(1, idx[:, None]).squeeze(1)
     p_y = log_p.gather(1, y[:, None]).squeeze(1).exp()
-    per = _ce(log_q, y) - torch.log(1.0 + MART_EPS - q_wrong) + beta * _kl(log_p, log_q) * (1.0 - p_y)
-    if sample_weight is not None:
-        per = per * _per_sample(sample_weight, per)
-    return per.mean()
+    per = _ce(log_q, y) - torch.log(1.0 + MART_EPS - q_wrong) + beta * kl_divergence(log_p, log_q) * (1.0 - p_y)
+    return LossOutput(_weighted_mean(per, sample_weight), _head(log_p, log_q, z_adv, y, 1e-12))
 
 
 def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, step_size: float, eps: float,

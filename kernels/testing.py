@@ -5,6 +5,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from ._common import override
+from . import dispatch
 
 
 @contextlib.contextmanager
@@ -23,3 +24,19 @@ def block_sizes(block_b: Optional[int] = None, block_c: Optional[int] = None,
     and multi-program grids."""
     with override(block_b=block_b, block_c=block_c, block_n=block_n):
         yield
+
+
+@contextlib.contextmanager
+def self_check(enabled: bool = True) -> Iterator[None]:
+    """Turn the kernels' first-use self-check on or off inside the block, starting from no verdicts
+    (the kernel tests compare against the references themselves; the self-check's own tests inject
+    wrong kernels)."""
+    saved = dict(dispatch._VERDICTS), dispatch._CHECKING["enabled"]
+    dispatch._VERDICTS.clear()
+    dispatch._CHECKING["enabled"] = enabled
+    try:
+        yield
+    finally:
+        dispatch._VERDICTS.clear()
+        dispatch._VERDICTS.update(saved[0])
+        dispatch._CHECKING["enabled"] = saved[1]

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from fastrobust.errors import ConfigError, check_positive_int, unknown_name
+from .errors import ConfigError, check_positive_int, unknown_name
 
 from .augment import AugmentSpec, augment_batch, paper_augment, sample_order
 from .base import EpochLoader, resolve_device, resolve_rank
@@ -124,7 +124,7 @@ def build(dataset: str, split: str, batch_size: int, device="cpu", backend: str 
     if backend == "ffcv":
         require_ffcv()   # a clear ConfigError with the install hint before anything else
     arrays = None
-    if backend in ("auto", "gpu", "torch"):
+    if backend != "ffcv":   # every other backend starts from the decoded arrays
         arrays = load_arrays(info.name, split, data_dir, download=download, limit=limit)
     if backend == "auto":
         backend = choose_backend(dev, arrays.images.nbytes + arrays.labels.nbytes)

@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["AugmentSpec", "PAPER_AUGMENT", "NO_AUGMENT", "paper_augment", "sample_order",
+__all__ = ["AugmentSpec", "NO_AUGMENT", "paper_augment", "sample_order",
            "batch_seed", "batch_generator", "draw_params", "augment_batch", "to_float01",
            "finish_batch"]
 
@@ -54,17 +54,16 @@ class AugmentSpec:
 
 
 NO_AUGMENT = AugmentSpec()
-PAPER_AUGMENT = {
-    "cifar10": AugmentSpec(pad=4, flip=True),
-    "mnist": NO_AUGMENT,
-}
 
 
 def paper_augment(dataset: str, enabled: bool = True) -> AugmentSpec:
-    """The paper's training augmentation for ``dataset`` (none when ``enabled`` is False)."""
+    """The paper's training augmentation for ``dataset`` (none when ``enabled`` is False), from the
+    dataset registry: CIFAR-10 pads by 4 and flips, MNIST trains on the raw images."""
+    from .datasets import dataset_info   # imported here: datasets imports nothing from this module
     if not enabled:
         return NO_AUGMENT
-    return PAPER_AUGMENT.get(str(dataset).lower(), NO_AUGMENT)
+    info = dataset_info(dataset)
+    return AugmentSpec(pad=info.train_pad, flip=info.train_flip)
 
 
 def sample_order(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0,

@@ -6,7 +6,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from fastrobust.errors import ConfigError, check_positive_int
+from .errors import ConfigError, check_positive_int
 
 from .augment import NO_AUGMENT, AugmentSpec, sample_order
 

@@ -60,7 +60,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from fastrobust.errors import ConfigError, DataError, unknown_name
+from .errors import ConfigError, DataError, unknown_name
 
 __all__ = [
     "ArraySplit", "DatasetInfo", "DATASETS", "SPLITS", "resolve_data_dir", "load_arrays",
@@ -78,6 +78,11 @@ class DatasetInfo:
     channels: int
     size: int                         # images are size x size
     num_samples: Dict[str, int]       # full split sizes
+    mean: Tuple[float, ...]           # per-channel statistics of the training images (input normalisation)
+    std: Tuple[float, ...]
+    torchvision_class: str            # torchvision.datasets class that downloads it
+    train_pad: int = 0                # the paper's training augmentation: random crop after zero padding,
+    train_flip: bool = False          # and random horizontal flips
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:
@@ -87,9 +92,12 @@ class DatasetInfo:
 
 DATASETS: Dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", num_classes=10, channels=3, size=32,
-                           num_samples={"train": 50_000, "test": 10_000}),
+                           num_samples={"train": 50_000, "test": 10_000},
+                           mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+                           torchvision_class="CIFAR10", train_pad=4, train_flip=True),
     "mnist": DatasetInfo("mnist", num_classes=10, channels=1, size=28,
-                         num_samples={"train": 60_000, "test": 10_000}),
+                         num_samples={"train": 60_000, "test": 10_000},
+                         mean=(0.1307,), std=(0.3081,), torchvision_class="MNIST"),
 }
 
 
@@ -363,7 +371,7 @@ def _candidates(info: DatasetInfo, root: Path, split: str) -> List[_Candidate]:
 def _torchvision_download(name: str, root: Path, split: str) -> None:
     """Let torchvision fetch ``name`` into ``root`` (separate function so tests can replace it)."""
     from torchvision import datasets as tvd
-    cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[name]
+    cls = getattr(tvd, DATASETS[name].torchvision_class)
     root.mkdir(parents=True, exist_ok=True)
     cls(str(root), train=(split == "train"), download=True)
 

@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fastrobust.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 from .augment import NO_AUGMENT, AugmentSpec
 from .base import EpochLoader

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from fastrobust.errors import ConfigError
+from .errors import ConfigError
 
 from .augment import NO_AUGMENT, AugmentSpec, finish_batch
 from .base import EpochLoader, resolve_device

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from fastrobust.errors import ConfigError
+from .errors import ConfigError
 
 from .augment import NO_AUGMENT, AugmentSpec, finish_batch
 from .base import EpochLoader

@@ -1,11 +1,9 @@
-"""Recipes: one thin module per table cell, ``python -m recipes.<dataset>_<method>_<arch>``.
+"""Recipes: ``python -m recipes.<dataset>_<row>_<arch>`` trains one cell of the paper's tables under a profile.
 
-A cell is (dataset, method, arch); a profile fills in the protocol:
-  paper       the D-TRADES paper's protocol (DEVELOPERS.md); the default on a GPU.
-  literature  the official TRADES (beta 6), MART and FAAL settings; D-TRADES with mean-normalised
-              lambda scaled so its batch mean equals TRADES' beta 6.
-  smoke       real data, a small subset and two epochs: a whole recipe in minutes on a 2-core CPU;
-              the default without a GPU.
+The protocols are tables in :mod:`recipes.protocols`; a cell module is not a file but a name: this
+package resolves ``recipes.cifar10_dtrades_resnet18`` (every cell of every profile, listed by
+``python -m recipes``) to :func:`main` for that cell. Profiles: ``--profile paper|official|smoke|demo|cpu``
+(default: paper on a GPU, smoke on a CPU for the cells smoke covers).
 
 Every recipe runs distributed when launched by torchrun (``torchrun --nproc_per_node 8 -m
 recipes.cifar10_dtrades_resnet18``): the protocol's batch size is the global batch, split across the
@@ -14,94 +12,105 @@ processes, so the learning rate and the results keep their meaning (README "Scal
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib.abc
+import importlib.machinery
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-DATASETS = ("cifar10", "mnist")
-METHODS = ("standard", "trades", "mart", "faal", "dtrades")
-ARCHS = {"cifar10": ("resnet18", "vgg16"), "mnist": ("resnet18", "vgg16", "smallcnn")}
-PROFILES = ("paper", "literature", "smoke")
-
-PAPER_METHOD = {"standard": {}, "trades": {"beta": 4.0}, "mart": {"beta": 5.0},
-                "faal": {"faal_r": 0.1, "faal_base": "trades", "beta": 4.0},
-                "dtrades": {"lambda_alpha": 1.0, "lambda_beta": 1.0, "lambda_norm": "minmax", "lambda_scale": 1.0}}
-PAPER_DATA = {
-    "cifar10": {"epochs": 100, "lr": 0.1, "lr_schedule": "piecewise", "lr_milestones": (90.0, 100.0),
-                "weight_decay": 2e-4, "eps": 0.031, "attack_steps": 10, "attack_step_size": 0.007},
-    "mnist": {"epochs": 50, "lr": 0.01, "lr_schedule": "constant", "weight_decay": 0.0, "eps": 0.3,
-              "attack_steps": 20, "attack_step_size": 0.01},
-}
+from .protocols import PROFILES, Profile
 
 
-def profile_overrides(profile: str, dataset: str, method: str, arch: str) -> dict[str, Any]:
-    """The TrainConfig fields a profile sets for one cell (eval options under the key "eval")."""
-    base = {"dataset": dataset, "method": method, "model": arch, "batch_size": 128, "momentum": 0.9,
-            **PAPER_DATA[dataset], **PAPER_METHOD[method]}
-    if profile == "paper":
-        return base
-    if profile == "literature":
-        if method == "trades":
-            base.update(beta=6.0)
-            base.update({"cifar10": dict(epochs=76, lr_milestones=(75.0, 90.0, 100.0)),
-                         "mnist": dict(epochs=100, beta=1.0, attack_steps=40, lr_schedule="piecewise",
-                                       lr_milestones=(55.0, 75.0, 90.0))}[dataset])
-        elif method == "mart" and dataset == "cifar10":
-            base.update(beta=5.0, epochs=120, lr=0.01, weight_decay=3.5e-3, lr_milestones=(75.0, 90.0, 100.0))
-        elif method == "faal":
-            # Official FAAL: a 2-epoch fine-tune of a robust (TRADES) checkpoint with r = 0.5, lr 0.01.
-            base.update(faal_r=0.5, beta=6.0, epochs=2, lr=0.01, lr_schedule="piecewise", lr_milestones=(1.0,),
-                        init_checkpoint=str(run_dir(dataset, "trades", arch, "literature") / "checkpoints" / "final.pt"))
-        elif method == "dtrades":
-            base.update(lambda_norm="mean", lambda_scale=3.0)  # batch-mean lambda = 3 x (1 + 1) = TRADES beta 6
-        return base
-    if profile == "smoke":
-        # ResNet-18 / VGG-16 TRADES-10 steps run at ~6 img/s on 2 CPU cores: keep every pass small.
-        # Standard AutoAttack spends minutes per surviving point there (Square: 5000 queries), so the
-        # smoke profile runs its two APGD attacks, labelled as such in every table.
-        cpu_sized = dict(num_samples=100, aa_samples=20, sweep_samples=20, batch_size=100,
-                         sweep_multipliers=(0.0, 0.5, 1.0, 2.0), aa_version="custom",
-                         aa_attacks=("apgd-ce", "apgd-t"))
-        small = {"cifar10": dict(train_limit=256, batch_size=64, val_samples=32, eval=cpu_sized),
-                 "mnist": dict(train_limit=2048, batch_size=128, val_samples=256,
-                               eval=dict(num_samples=500, aa_samples=100, sweep_samples=100, batch_size=250))}[dataset]
-        if arch != "smallcnn" and dataset == "mnist":
-            small.update(train_limit=256, batch_size=64, val_samples=32, eval=cpu_sized)
-        base.update(epochs=2, lr_schedule="constant", log_every=1, **small)
-        if dataset == "cifar10" or arch != "smallcnn":
-            # Eight steps from scratch at the protocol's lr 0.1 collapse ResNet-18/VGG-16 to one class
-            # (measured: NA 6-8%, below chance); at 0.01 they learn (NA ~19% after one smoke epoch).
-            base.update(lr=0.01)
-        if method == "faal":
-            base.pop("init_checkpoint", None)
-        return base
-    raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+def all_cells() -> dict[str, tuple[str, str, str]]:
+    """Module name -> (dataset, row, arch), for every cell of every profile."""
+    return {f"{d}_{r}_{a}": (d, r, a) for p in PROFILES.values() for d, r, a in p.cells}
 
 
-def run_dir(dataset: str, method: str, arch: str, profile: str, root: str | Path = "runs") -> Path:
-    return Path(root) / f"{dataset}_{method}_{arch}" / profile
+class _CellFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves ``recipes.<cell>`` to a module whose code runs that cell's recipe."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith(__name__ + ".") and fullname.rsplit(".", 1)[1] in all_cells():
+            return importlib.machinery.ModuleSpec(fullname, self, origin="recipes.protocols")
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.CELL = all_cells()[module.__name__.rsplit(".", 1)[1]]
+        if module.__name__ == "__main__":
+            sys.exit(main(*module.CELL))
+
+    def get_code(self, fullname):  # what ``python -m`` runs
+        return compile(f"import sys, recipes\nsys.exit(recipes.main(*recipes.all_cells()[{fullname.rsplit('.', 1)[1]!r}]))",
+                       f"<recipe {fullname}>", "exec")
 
 
-def make_config(dataset: str, method: str, arch: str, profile: str, root: str | Path = "runs",
+if not any(isinstance(f, _CellFinder) for f in sys.meta_path):
+    sys.meta_path.append(_CellFinder())
+
+
+def run_dir(dataset: str, row: str, arch: str, profile: str, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{dataset}_{row}_{arch}" / profile
+
+
+def settings(profile: Profile, dataset: str, row: str, arch: str) -> dict[str, Any]:
+    """The TrainConfig fields a profile sets for one cell (eval options under "eval")."""
+    values = {"dataset": dataset, "model": arch, "method": profile.rows[row], **profile.data[dataset]}
+    values["eval"] = dict(profile.eval[dataset])
+    extra = dict(profile.cell.get((dataset, row, arch), {}))
+    values["eval"].update(extra.pop("eval", {}))
+    values.update(extra)
+    return values
+
+
+def make_config(dataset: str, row: str, arch: str, profile: str, root: str | Path = "runs",
                 overrides: dict[str, Any] | None = None):
     from fastrobust.config import EvalConfig, TrainConfig
+    from fastrobust.errors import ConfigError, unknown_name
 
-    values = profile_overrides(profile, dataset, method, arch)
-    values.update(overrides or {})
-    ev = values.pop("eval", {})
-    values.setdefault("out_dir", str(run_dir(dataset, method, arch, profile, root)))
+    if profile not in PROFILES:
+        raise unknown_name("profile", profile, PROFILES)
+    prof = PROFILES[profile]
+    if (dataset, row, arch) not in prof.cells:
+        having = sorted(p.name for p in PROFILES.values() if (dataset, row, arch) in p.cells)
+        raise ConfigError(f"profile {profile!r} has no cell {dataset}_{row}_{arch}; profiles with it: "
+                          f"{', '.join(having) or 'none'}.")
+    values = settings(prof, dataset, row, arch)
+    init_from = values.pop("init_from", None)
+    if init_from:  # a fine-tune of another cell's final checkpoint (FAAL's official protocol)
+        values["init_checkpoint"] = str(run_dir(dataset, init_from, arch, profile, root) / "checkpoints" / "final.pt")
+    overrides = dict(overrides or {})
+    options = method_options(overrides)   # "<method>_<option>" keys: options of that method's rows only
+    if values["method"].name in options:
+        values["method"] = dataclasses.replace(values["method"], **options[values["method"].name])
+    ev = {**values.pop("eval"), **(overrides.pop("eval", None) or {})} if isinstance(overrides.get("eval", {}), dict) \
+        else overrides.pop("eval")
     if not isinstance(ev, dict):
-        from fastrobust.errors import ConfigError
         raise ConfigError(f"eval overrides must be a mapping of evaluation options, got {ev!r}")
-    # from_dict: an unknown key is a ConfigError with suggestions (the eval options included)
+    values.update(overrides)
+    values.setdefault("out_dir", str(run_dir(dataset, row, arch, profile, root)))
     cfg = TrainConfig.from_dict({**values, "eval": {**dataclasses.asdict(EvalConfig(dataset=dataset)), **ev}})
     return cfg.validate()
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    import ast
+def method_options(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pop the ``<method>_<option>`` keys of ``overrides`` (e.g. ``dtrades_sync``, as the CLI's
+    ``--dtrades-sync``): method name -> its options."""
+    from fastrobust.methods import METHODS
+    out: dict[str, dict[str, Any]] = {}
+    for key in list(overrides):
+        for name, cls in METHODS.items():
+            option = key[len(name) + 1:] if key.startswith(name + "_") else None
+            if option in {f.name for f in dataclasses.fields(cls)}:
+                out.setdefault(name, {})[option] = overrides.pop(key)
+    return out
 
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     from fastrobust.errors import ConfigError
     out = {}
     for item in items:
@@ -115,69 +124,131 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def main(dataset: str, method: str, arch: str, argv: Sequence[str] | None = None) -> int:
+def main(dataset: str, row: str, arch: str, argv: Sequence[str] | None = None) -> int:
     import torch
 
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{dataset}_{method}_{arch}",
-                                     description=f"{method} / {arch} / {dataset}")
-    parser.add_argument("--profile", choices=PROFILES, default=None,
-                        help="paper | literature | smoke (default: paper on a GPU, smoke on the CPU)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--runs", default="runs", help="root folder of run folders")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--compare", default="", help="comma-separated methods trained beside this one, e.g. trades")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any TrainConfig field")
+    prog = f"python -m recipes.{dataset}_{row}_{arch}"
+    parser = argparse.ArgumentParser(prog=prog, description=f"{row} / {arch} / {dataset} (recipes/protocols.py)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="protocol (recipes/protocols.py); default: paper on a GPU, smoke on a CPU")
+    parser.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
+    parser.add_argument("--runs", default="runs", help="root folder of run folders; default: runs")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; default: auto")
+    parser.add_argument("--compare", default="", help="comma-separated rows trained beside this one, e.g. trades")
+    parser.add_argument("--step-bench", action="store_true",
+                        help="also measure the step-cost ratio of the compared rows (interleaved, same process)")
+    parser.add_argument("--resume", action="store_true", help="continue each run from its newest checkpoint")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override any TrainConfig field or method option, e.g. --set epochs=2 dtrades_sync=global "
+                             "\"eval={'aa_samples': 100}\" (a method option applies to that method's rows)")
     ns = parser.parse_args(argv)
     from fastrobust import distributed as dist
     from fastrobust.cli import run_reporting_errors
-    profile = ns.profile or ("paper" if torch.cuda.is_available() else "smoke")
-    if ns.profile is None:
-        dist.print0(f"profile: {profile} ({'a GPU is available' if profile == 'paper' else 'no GPU: CPU-feasible smoke run'};"
-                    f" pass --profile to choose)")
-    methods = [method] + [m for m in ns.compare.split(",") if m and m != method]
+    gpu = torch.cuda.is_available()
+    profile = ns.profile or ("paper" if gpu else "smoke")
+    rows = [row] + [r for r in ns.compare.split(",") if r and r != row]
 
     def run() -> int:
+        if ns.profile is None:
+            dist.print0(f"profile: {profile} ({'a GPU is available' if gpu else 'no GPU: the CPU-feasible smoke run'}; "
+                        f"pass --profile to choose)")
         overrides = {"device": ns.device, "resume": ns.resume, **_parse_set(ns.set)}
         if ns.data_dir:
             overrides["data_dir"] = ns.data_dir
-        return run_cells([(dataset, m, arch) for m in methods], profile, ns.runs, overrides)
+        configs = [make_config(dataset, r, arch, profile, ns.runs, overrides) for r in rows]   # bad input fails here
+        unused = set(method_options(dict(overrides))) - {c.method.name for c in configs}
+        if unused:
+            from fastrobust.errors import ConfigError
+            raise ConfigError(f"--set gives options of {', '.join(sorted(unused))}, but no trained row uses that "
+                              f"method (rows: {', '.join(rows)}).")
+        if profile == "smoke":
+            dist.print0(cost_statement(dataset, rows, arch, configs[0].data_dir))
+        return run_cells([(dataset, r, arch) for r in rows], profile, ns.runs, overrides, ns.step_bench)
 
-    return run_reporting_errors(run, prog=parser.prog)
+    return run_reporting_errors(run, prog=prog)
 
 
-def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, overrides: dict[str, Any]) -> int:
+def cost_statement(dataset: str, rows: Sequence[str], arch: str, data_dir: str | None) -> str:
+    """What the paper profile would cost here: two measured steps of its configuration x its step count."""
+    from fastrobust.bench import run_step_bench
+    from fastrobust.errors import DataError
+    cfg = make_config(dataset, rows[0], arch, "paper", overrides={"data_dir": data_dir} if data_dir else None)
+    try:
+        report = run_step_bench([cfg.method.name], [arch], [cfg.batch_size], cfg.device, dataset=dataset, sensitivities=(
+            getattr(cfg.method, "sensitivity", "exact"),), repeats=1, warmup=1, reference=False, data_dir=data_dir,
+            attack_steps=cfg.attack_steps, progress=False)
+    except DataError as e:
+        return f"What the paper profile would cost here is unknown (no data to time a step: {e})."
+    seconds = report["rows"][0]["ms_median"] / 1e3
+    import loaders
+    steps = cfg.epochs * ((loaders.dataset_info(dataset).num_samples["train"] - cfg.val_samples) // cfg.batch_size)
+    total = seconds * steps * len(rows)
+    return (f"This device ({report['device']}) takes {seconds:.1f} s per {cfg.batch_size}-image step of the paper "
+            f"protocol, so the paper profile's {steps} steps per run would take {total / 3600:.0f} hours "
+            f"({total / 86400:.1f} days) for {len(rows)} run(s). The smoke run below checks the pipeline, not accuracy. "
+            f"On a GPU: python -m recipes.{dataset}_{rows[0]}_{arch} --profile paper"
+            + (f" --compare {','.join(rows[1:])}" if len(rows) > 1 else ""))
+
+
+def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, overrides: dict[str, Any],
+              step_bench: bool = False) -> int:
     from fastrobust import distributed as dist
-    from fastrobust.evaluate import results_markdown, save_results
-    from fastrobust.report import atomic_write_text, plot_scatter
-    from fastrobust.train import throughput_markdown, train
+    from fastrobust import report
+    from fastrobust.train import train
 
-    results, throughput = {}, {}
-    for dataset, method, arch in cells:
-        cfg = make_config(dataset, method, arch, profile, root, overrides)
-        dist.print0(f"== {method} / {arch} / {dataset} ({profile}) -> {cfg.out_dir}")
+    results, throughput, configs = {}, {}, []
+    for dataset, row, arch in cells:
+        cfg = make_config(dataset, row, arch, profile, root, overrides)
+        configs.append(cfg)
+        dist.print0(f"== {row} / {arch} / {dataset} ({profile}) -> {cfg.out_dir}")
         summary = train(cfg)
-        name = f"{dataset}_{method}_{arch}"
+        name = f"{dataset}_{row}_{arch}"
         throughput[name] = summary["throughput"]
         if "eval" in summary:
             results[name] = summary["eval"]
     if not dist.is_main():  # rank 0 writes and prints the comparison
         return 0
     if results:
-        print(results_markdown(results))
-    print(throughput_markdown(throughput))
+        print(report.results_markdown(results))
+    print(report.throughput_markdown(throughput))
     if len(cells) > 1:
-        out = Path(root) / ("compare_" + "_vs_".join(m for _, m, _ in cells) + f"_{cells[0][2]}_{cells[0][0]}") / profile
+        out = Path(root) / ("compare_" + "_vs_".join(r for _, r, _ in cells) + f"_{cells[0][2]}_{cells[0][0]}") / profile
         if results:
-            save_results(results, out)
-            plot_scatter(out / "na_ra.png", {k: (100 * r.na, 100 * r.ra.get("pgd", float("nan"))) for k, r in results.items()},
-                         xlabel="natural accuracy (%)", ylabel="PGD robust accuracy (%)", title="NA against RA")
-        atomic_write_text(out / "throughput.md", throughput_markdown(throughput))
+            report.save_results(results, out)
+        text = report.throughput_markdown(throughput)
+        if step_bench:
+            cost = step_cost(configs)
+            print(cost)
+            text += "\n" + cost
+        report.atomic_write_text(out / "throughput.md", text)
         print(f"comparison written to {out}")
     return 0
 
 
-def cell_main(module_name: str) -> None:
-    """Entry point of a cell module: the module's name is the cell."""
-    dataset, method, arch = module_name.rsplit(".", 1)[-1].split("_", 2)
-    sys.exit(main(dataset, method, arch))
+def step_cost(configs) -> str:
+    """The compared rows' steps timed against each other in one process (the shared interleaved timer)."""
+    import torch
+
+    from fastrobust import report
+    from fastrobust.bench import count_flops, interleaved, sample_batch
+    from fastrobust.models import create_model
+    from fastrobust.step import TrainStep, resolve_device
+    dev = resolve_device(configs[0].device)
+    x, y = sample_batch(configs[0].dataset, configs[0].batch_size, dev, configs[0].data_dir)
+
+    def timed(c) -> Any:
+        step = TrainStep(c, create_model(c.model, dataset=c.dataset).to(dev, memory_format=torch.channels_last), dev)
+        return lambda: step(x, y) and None
+
+    names = [Path(c.out_dir).parent.name for c in configs]   # the cells' names: two rows may share a method
+    steps = {n: timed(c) for n, c in zip(names, configs)}
+    t = {k: v.summary() for k, v in interleaved(steps, repeats=5, warmup=1, device=dev).items()}
+    flops = {n: count_flops(fn) for n, fn in steps.items()}
+    base = names[-1]   # the baseline: the row --compare named last (TRADES in the demo)
+    rows = [[k, 1e3 * v["wall_s"], 1e3 * v["cpu_s"], f"{flops[k] / 1e9:.3f}" if flops[k] else "n/a",
+             f"{v['wall_s'] / t[base]['wall_s']:.3f}", f"{v['cpu_s'] / t[base]['cpu_s']:.3f}",
+             f"{flops[k] / flops[base]:.3f}" if flops[k] and flops[base] else "n/a"] for k, v in t.items()]
+    return (f"**Step cost** (batch {configs[0].batch_size}, {report.device_description(dev)}; medians of 5 interleaved "
+            f"rounds; process CPU time beside wall time; FLOPs counted on one step)\n\n"
+            + report.markdown_table(["method", "ms/step (wall)", "ms/step (CPU)", "GFLOP/step", f"wall / {base}",
+                                     f"CPU / {base}", f"FLOPs / {base}"], rows) + "\n")

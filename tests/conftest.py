@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# torch.compile's on-disk cache does not key its CPU kernels on the instruction set ATen runs with
+# (ATEN_CPU_CAPABILITY): kernels compiled in an AVX-512 run and reused under a forced AVX2 run (or the
+# reverse) give NaNs or corrupt memory. One cache per instruction set keeps runs of the suite with
+# different ATEN_CPU_CAPABILITY settings apart; subprocesses inherit it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / (
+    "fastrobust-inductor-" + (os.environ.get("ATEN_CPU_CAPABILITY") or "native"))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +70,7 @@ def trained_smallcnn(data_dir):
     torch.manual_seed(0)
     train = loaders.load_arrays("mnist", "train", data_dir, limit=8192)
     x = torch.from_numpy(train.images.copy()).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(train.labels).long()
+    y = torch.from_numpy(train.labels.copy()).long()
     model = create_model("smallcnn", dataset="mnist")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_smallcnn
-from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, make_attack, pgd_perturb
+from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, make_attack, pgd_perturb, random_start
 from fastrobust.errors import ConfigError
 
 
@@ -54,7 +54,7 @@ def test_loss_increases_along_the_attack(small_model):
     x_adv = x.clone()
     for _ in range(6):
         x_adv = pgd_perturb(small_model.eval(), x_adv, y, eps=0.02, step_size=0.005, steps=1, norm="linf",
-                            random_start_kind="none", objective="ce").x_adv
+                            objective="ce", start=random_start(x_adv, 0.02, "linf", "none")).x_adv
         losses.append(float(_ce(small_model, x_adv, y).mean()))
     assert all(b > a for a, b in zip(losses, losses[1:])), losses
 
@@ -87,7 +87,7 @@ def test_early_stop_freezes_each_sample_at_its_first_fooling_iterate(small_model
     with torch.no_grad():
         y = model(x).argmax(1)  # all correct at the start
     steps = 8
-    kw = dict(eps=0.3, step_size=0.05, norm="linf", random_start_kind="none", objective="ce")
+    kw = dict(eps=0.3, step_size=0.05, norm="linf", objective="ce", start=random_start(x, 0.3, "linf", "none"))
     iterates = [x]  # the same attack without early stopping, written out
     x_cur = x
     for _ in range(steps):
@@ -111,7 +111,7 @@ def test_last_grad_norm_is_gradient_at_last_iterate(small_model):
     x, y = _inputs(8)
     torch.manual_seed(3)
     res = pgd_perturb(small_model.eval(), x, y, eps=0.1, step_size=0.05, steps=1, norm="linf",
-                      random_start_kind="none", objective="ce")
+                      objective="ce", start=random_start(x, 0.1, "linf", "none"))
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.cross_entropy(small_model(xr), y, reduction="sum"), xr)
     torch.testing.assert_close(res.last_grad_norm, torch.linalg.vector_norm(g.flatten(1), dim=1))
@@ -157,3 +157,65 @@ def test_autoattack_wrapper_respects_ball_and_beats_clean(small_model):
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
         assert (small_model(x_adv).argmax(1) != y).sum() > 0
+
+
+@pytest.mark.parametrize("kind,norm", [("uniform", "linf"), ("uniform", "l2"), ("trades", "linf")])
+def test_random_start_is_in_the_ball_and_the_box(kind, norm):
+    x, _ = _inputs(64)
+    eps = 0.3 if norm == "linf" else 2.0
+    start = random_start(x, eps, norm, kind)
+    delta = (start - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else torch.linalg.vector_norm(delta, dim=1)
+    assert size.max() <= eps * (1 + 1e-6) and start.min() >= 0 and start.max() <= 1
+    if kind == "trades":  # x + 0.001 N(0, 1): a few thousandths at most, never the radius
+        assert 0 < delta.abs().max() < 0.01
+    else:  # spread over the ball, not concentrated at its centre
+        assert size.min() > 0.5 * eps
+
+
+def test_random_start_keeps_float64():
+    x = _inputs(4)[0].double()
+    for kind in ("uniform", "trades", "none"):
+        assert random_start(x, 0.1, "linf", kind).dtype == torch.float64
+
+
+def test_random_start_per_sample_whatever_the_number_of_processes():
+    """With a generator seeded per step, rank r of N keeps rows r::N of the noise drawn for the global
+    batch: sample i gets the same start in one process as on rank i % N (DistributedSampler's split)."""
+    x, _ = _inputs(12)
+    for kind, norm in (("uniform", "linf"), ("uniform", "l2"), ("trades", "linf")):
+        whole = random_start(x, 0.3, norm, kind, generator=torch.Generator().manual_seed(7))
+        for rank in range(3):
+            shard = random_start(x[rank::3], 0.3, norm, kind, generator=torch.Generator().manual_seed(7),
+                                 rank=rank, world_size=3)
+            assert torch.equal(shard, whole[rank::3]), (kind, norm, rank)
+
+
+def test_start_is_the_first_iterate(small_model):
+    """pgd_perturb starts from ``start`` (projected), not from a start of its own: with a step too small
+    to matter, the result stays at the given start."""
+    x, y = _inputs(8)
+    start = random_start(x, 0.2, "linf", "uniform", generator=torch.Generator().manual_seed(3))
+    res = pgd_perturb(small_model.eval(), x, y, eps=0.2, step_size=1e-6, steps=1, norm="linf", objective="ce",
+                      start=start)
+    assert (res.x_adv - start).abs().max() <= 1e-6 + 1e-7
+    far = pgd_perturb(small_model.eval(), x, y, eps=0.1, step_size=1e-6, steps=1, norm="linf", objective="ce",
+                      start=x + 0.5)  # outside the ball and the box: projected first
+    assert (far.x_adv - x).abs().max() <= 0.1 + 1e-6 and far.x_adv.max() <= 1
+
+
+def test_recompute_clean_gives_the_same_attack(small_model):
+    """The step profiler's official-style attack recomputes f(x) at every KL step: the same iterates
+    (the model is deterministic in eval mode), one clean forward per step."""
+    x, y = _inputs(8)
+    model = small_model.eval()
+    start = random_start(x, 0.1, "linf", "trades", generator=torch.Generator().manual_seed(5))
+    kw = dict(eps=0.1, step_size=0.02, steps=4, norm="linf", objective="kl", start=start)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    once = pgd_perturb(model, x, y, **kw)
+    n_once = len(calls)
+    every = pgd_perturb(model, x, y, recompute_clean=True, **kw)
+    handle.remove()
+    assert n_once == 4 + 1 and len(calls) - n_once == 4 + 4
+    assert torch.equal(once.x_adv, every.x_adv)

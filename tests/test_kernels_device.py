@@ -14,8 +14,9 @@
     The ``cpu`` run, with the data flow of the ``cuda`` run checked: :func:`to_dev` tags its output
     as living on a simulated second device, and a test fails when a kernel gets an untagged tensor
     (it would be a CPU tensor beside CUDA ones), a reference op gets a tagged one (the reference must
-    run on CPU copies), or one op mixes tagged and untagged tensors (a device mismatch on a GPU).
-    ``python -m fastrobust.gpu_suite ... --device cpu --quick`` runs a subset this way.
+    run on CPU copies), or one op mixes tagged and untagged tensors (a device mismatch on a GPU):
+    ``FASTROBUST_TEST_DEVICE=cpu-audit python -m pytest tests/test_kernels*.py`` before a GPU run
+    (``fastrobust check-gpu`` runs these tests with ``cuda`` on the GPU itself).
 
 Every kernel test module imports this module before ``kernels`` / ``triton``, and builds every
 kernel input as ``to_dev(<cpu tensor>)``::

@@ -17,7 +17,7 @@ import torch
 import kernels
 from kernels import ops
 from kernels import reference as R
-from kernels.testing import poison_outputs
+from kernels.testing import poison_outputs, self_check
 
 BACKENDS = ["triton", "reference"]
 
@@ -26,9 +26,19 @@ BACKENDS = ["triton", "reference"]
 def _clean_default(monkeypatch):
     monkeypatch.delenv("FASTROBUST_KERNELS", raising=False)
     kernels.set_backend(None)
-    with poison_outputs():
+    # self-check off, as in test_kernels.py: these tests compare against the references themselves and
+    # some trace the ops (torch.compile skips the check anyway); tests/test_kernels_selfcheck.py tests it
+    with poison_outputs(), self_check(False):
         yield
     kernels.set_backend(None)
+
+
+def outputs_equal(a, b) -> bool:
+    """Two LossOutputs (or LossHeads) are bitwise equal, field by field (lam None on both or equal)."""
+    if isinstance(a, kernels.LossOutput):
+        return (torch.equal(a.loss, b.loss) and outputs_equal(a.head, b.head)
+                and (a.lam is None) == (b.lam is None) and (a.lam is None or torch.equal(a.lam, b.lam)))
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def make(B=6, C=10, seed=0, requires_grad=False, on_device=False):
@@ -58,13 +68,13 @@ def test_auto_on_cpu_runs_the_reference(monkeypatch):
         raise AssertionError("the Triton op must not run for CPU tensors under 'auto'")
     for name in ("trades_loss", "dtrades_loss", "mart_loss", "loss_head", "pgd_step"):
         monkeypatch.setattr(ops, name, boom)
-    assert torch.equal(kernels.trades_loss(z, za, y, 6.0), R.trades_loss(z, za, y, 6.0))
-    assert torch.equal(kernels.mart_loss(z, za, y, 6.0, backend="auto"), R.mart_loss(z, za, y, 6.0))
+    assert outputs_equal(kernels.trades_loss(z, za, y, 6.0), R.trades_loss(z, za, y, 6.0))
+    assert outputs_equal(kernels.mart_loss(z, za, y, 6.0, backend="auto"), R.mart_loss(z, za, y, 6.0))
     got = kernels.dtrades_loss(z, za, y, s, 1.0, 1.0, "minmax", 1.0, 1e-12)
     want = R.dtrades_loss(z, za, y, s, 1.0, 1.0, "minmax", 1.0, 1e-12)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert outputs_equal(got, want)
     head = kernels.loss_head(z, za, y)
-    assert all(torch.equal(a, b) for a, b in zip(head, R.loss_head(z, za, y)))
+    assert outputs_equal(head, R.loss_head(z, za, y))
 
 
 def test_auto_on_cuda_resolves_to_triton():
@@ -139,7 +149,7 @@ def test_scalar_tensor_kl_weight_equals_float(backend):
     z, za, y, _ = make(on_device=True)
     a = kernels.trades_loss(z, za, y, to_dev(torch.tensor(6.0)), backend=backend)
     b = kernels.trades_loss(z, za, y, 6.0, backend=backend)
-    assert torch.equal(a, b)
+    assert outputs_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -167,9 +177,7 @@ def test_opcheck_custom_ops():
 
 def _dtrades_fn(y, s):
     def f(z, za):
-        loss, lam, ce, kl, ent = kernels.dtrades_loss(z, za, y, s, 1.0, 0.5, "minmax", 2.0, 1e-12,
-                                                      backend="triton")
-        return loss
+        return kernels.dtrades_loss(z, za, y, s, 1.0, 0.5, "minmax", 2.0, 1e-12, backend="triton").loss
     return f
 
 
@@ -197,7 +205,7 @@ def test_compile_fullgraph_dtrades_forward_backward():
     assert torch.allclose(gzac, gzae, rtol=1e-6, atol=1e-9)
     # and the kernels are right: float64 reference, on the CPU
     zr, zar = z.cpu().double().requires_grad_(), za.cpu().double().requires_grad_()
-    lr = R.dtrades_loss(zr, zar, y.cpu(), s.cpu().double(), 1.0, 0.5, "minmax", 2.0, 1e-12)[0]
+    lr = R.dtrades_loss(zr, zar, y.cpu(), s.cpu().double(), 1.0, 0.5, "minmax", 2.0, 1e-12).loss
     lr.backward()
     assert torch.allclose(lc.cpu().double(), lr, rtol=1e-5)
     assert torch.allclose(gzc.cpu().double(), zr.grad, rtol=1e-4, atol=1e-7)
@@ -214,7 +222,7 @@ def test_no_graph_breaks_in_other_ops():
         b = kernels.mart_loss(z, za, y, 6.0, backend="triton")
         head = kernels.loss_head(z, za, y, backend="triton")
         x_new, gn = kernels.pgd_step(x, x - 0.5, x, 0.01, 0.03, "linf", backend="triton")
-        return a + b + head.kl.sum() + x_new.sum() + gn.sum()
+        return a.loss + b.loss + a.head.entropy.sum() + head.kl.sum() + x_new.sum() + gn.sum()
 
     explanation = torch._dynamo.explain(f)(z, za, x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -230,10 +238,11 @@ def test_no_graph_breaks_in_reference_ops():
     def f(z, za, x):
         a = kernels.trades_loss(z, za, y, 6.0)
         b = kernels.mart_loss(z, za, y, 6.0)
-        c = kernels.dtrades_loss(z, za, y, s, 1.0, 1.0, "minmax", 2.0)[0]
+        c = kernels.dtrades_loss(z, za, y, s, 1.0, 1.0, "minmax", 2.0)
         head = kernels.loss_head(z, za, y)
         x_new, gn = kernels.pgd_step(x, x - 0.5, x, 0.01, 0.03, "l2")
-        return a + b + c + head.kl.sum() + x_new.sum() + gn.sum()
+        return (a.loss + b.loss + c.loss + c.lam.sum() + b.head.q_wrong.sum() + head.kl.sum() + x_new.sum()
+                + gn.sum())
 
     assert kernels.resolve_backend(z) == "reference"
     explanation = torch._dynamo.explain(f)(z, za, x)
@@ -245,11 +254,12 @@ def test_no_graph_breaks_in_reference_ops():
 def test_minmax_lambda_range(backend):
     z, za, y, s = make(B=32, C=10, seed=5, on_device=True)
     alpha, beta, scale = 1.5, 0.5, 3.0
-    _, lam, *_ = kernels.dtrades_loss(z, za, y, s, alpha, beta, "minmax", scale, backend=backend)
+    lam = kernels.dtrades_loss(z, za, y, s, alpha, beta, "minmax", scale, backend=backend).lam
     assert lam.shape == (32,) and torch.isfinite(lam).all()
     assert lam.min() >= 0 and lam.max() <= scale * (alpha + beta) * (1 + 1e-6)
     # alpha alone: lam / scale is the min-max-normalised entropy, spanning exactly [0, 1]
-    _, lam_h, _, _, ent = kernels.dtrades_loss(z, za, y, s, 1.0, 0.0, "minmax", scale, backend=backend)
+    out = kernels.dtrades_loss(z, za, y, s, 1.0, 0.0, "minmax", scale, backend=backend)
+    lam_h, ent = out.lam, out.head.entropy
     assert lam_h.min() == 0 and lam_h.max() == scale
     assert lam_h.argmin() == ent.argmin() and lam_h.argmax() == ent.argmax()
 
@@ -258,12 +268,12 @@ def test_minmax_lambda_range(backend):
 def test_minmax_without_spread_gives_midpoint(backend):
     alpha, beta, scale = 1.5, 0.5, 3.0
     z, za, y, s = make(B=1, C=10, seed=6, on_device=True)      # B = 1: no spread at all
-    _, lam, *_ = kernels.dtrades_loss(z, za, y, s, alpha, beta, "minmax", scale, backend=backend)
+    lam = kernels.dtrades_loss(z, za, y, s, alpha, beta, "minmax", scale, backend=backend).lam
     assert torch.equal(lam, torch.full_like(lam, scale * (alpha * 0.5 + beta * 0.5)))
     z, za, y, _ = make(B=5, C=10, seed=7, on_device=True)      # identical rows, constant s
     z, za, y = z[:1].expand(5, -1).contiguous(), za[:1].expand(5, -1).contiguous(), y[:1].expand(5).contiguous()
-    _, lam, *_ = kernels.dtrades_loss(z, za, y, to_dev(torch.full((5,), 0.3)), alpha, beta, "minmax", scale,
-                                      backend=backend)
+    lam = kernels.dtrades_loss(z, za, y, to_dev(torch.full((5,), 0.3)), alpha, beta, "minmax", scale,
+                               backend=backend).lam
     assert torch.equal(lam, torch.full_like(lam, scale * (alpha * 0.5 + beta * 0.5)))
     assert not torch.isnan(lam).any()
 
@@ -272,11 +282,11 @@ def test_minmax_without_spread_gives_midpoint(backend):
 def test_mean_normalisation(backend):
     alpha, beta, scale = 1.5, 0.5, 3.0
     z, za, y, s = make(B=16, C=10, seed=8, on_device=True)
-    _, lam, *_ = kernels.dtrades_loss(z, za, y, s, alpha, beta, "mean", scale, backend=backend)
+    lam = kernels.dtrades_loss(z, za, y, s, alpha, beta, "mean", scale, backend=backend).lam
     assert torch.allclose(lam.mean().cpu(), torch.tensor(scale * (alpha + beta), dtype=lam.dtype), rtol=1e-6)
     # a zero-mean (all-zero) sensitivity normalises to 1, not NaN
-    _, lam0, _, _, ent = kernels.dtrades_loss(z, za, y, to_dev(torch.zeros(16)), alpha, beta, "mean", scale,
-                                              backend=backend)
+    out = kernels.dtrades_loss(z, za, y, to_dev(torch.zeros(16)), alpha, beta, "mean", scale, backend=backend)
+    lam0, ent = out.lam, out.head.entropy
     assert torch.isfinite(lam0).all()
     assert torch.allclose(lam0, scale * (alpha * ent / ent.mean() + beta), rtol=1e-6)
 
@@ -295,69 +305,93 @@ def test_constant_lambda_equals_trades(backend, weighted):
                lambda a, b: kernels.trades_loss(a, b, y, c_val, sw, backend=backend)):
         zz, zza = z.clone().requires_grad_(), za.clone().requires_grad_()
         res = fn(zz, zza)
-        loss = res[0] if isinstance(res, tuple) else res
-        if isinstance(res, tuple):
-            assert torch.equal(res[1].cpu(), torch.full((12,), c_val, dtype=res[1].dtype))
-        loss.backward()
-        out.append((loss, zz.grad, zza.grad))
-    (ld, gzd, gzad), (lt, gzt, gzat) = out
-    assert torch.equal(ld, lt)
+        if res.lam is not None:    # the D-TRADES call
+            assert torch.equal(res.lam.cpu(), torch.full((12,), c_val, dtype=res.lam.dtype))
+        res.loss.backward()
+        out.append((res, zz.grad, zza.grad))
+    (d, gzd, gzad), (t, gzt, gzat) = out
+    assert d.lam is not None and t.lam is None
+    assert torch.equal(d.loss, t.loss)
     assert torch.equal(gzd, gzt) and torch.equal(gzad, gzat)
+    assert outputs_equal(d.head, t.head)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtrades_logging_outputs_are_detached(backend):
     z, za, y, s = make(requires_grad=True, on_device=True)
-    loss, lam, ce, kl, ent = kernels.dtrades_loss(z, za, y, s, 1.0, 1.0, backend=backend)
-    assert loss.requires_grad
-    assert not any(t.requires_grad for t in (lam, ce, kl, ent))
+    out = kernels.dtrades_loss(z, za, y, s, 1.0, 1.0, backend=backend)
+    assert out.loss.requires_grad
+    assert not out.lam.requires_grad and not any(t.requires_grad for t in out.head)
+    for other in (kernels.trades_loss(z, za, y, 6.0, backend=backend),
+                  kernels.mart_loss(z, za, y, 5.0, backend=backend)):
+        assert other.loss.requires_grad and other.lam is None
+        assert not any(t.requires_grad for t in other.head)
 
 
 # ----------------------------------------------------------------------------- benchmark harness
+BENCH_OPS = ["trades fwd+bwd", "dtrades fwd+bwd", "mart fwd+bwd", "loss_head fwd", "pgd_step linf", "pgd_step l2"]
+
+
 def test_bench_without_cuda_prints_notice_and_returns_nothing(capsys):
+    from fastrobust.bench import run_kernel_bench
     from kernels import bench
 
-    assert bench.run(device="cpu") == []
+    assert run_kernel_bench(device="cpu") == []
     out = capsys.readouterr().out.strip()
     assert out == bench.CPU_NOTICE and "CUDA GPU" in out and "TRITON_INTERPRET=1" in out
 
 
 def test_bench_harness_runs_every_case_and_formats():
-    """Exercise the benchmark code path on DEVICE (on the CPU: interpreter, wall-clock timer; tiny
-    shapes); timings are not checked, only that every op was run for every implementation and reported."""
+    """Every benchmark case (kernels.bench.cases, tiny shapes, on DEVICE) runs its Triton and its eager
+    column, and both compute the same thing: they agree to 1e-4 relative + 1e-6 (each is within ~1e-5 of
+    float64, tests/test_kernels*.py, on any CPU; a miswired column differs by O(1)). Timings are not checked."""
+    from torch.utils import _pytree as pytree
+
+    from fastrobust.bench import kernel_markdown
     from kernels import bench
 
-    timer = bench._cuda_timer if DEVICE.type == "cuda" else bench._wall_timer
-    rows = bench._run(str(DEVICE), [3], [10], iters=1, repeats=1, warmup=0, dtype=torch.float32,
-                      timer=timer, compile_reference=False)
-    ops_seen = [r["op"] for r in rows]
-    assert ops_seen == ["trades fwd+bwd", "dtrades fwd+bwd", "mart fwd+bwd", "loss_head fwd",
-                        "pgd_step linf", "pgd_step l2"]
-    for r in rows:
-        assert r["status"] == "ok"
-        assert r["triton_us"] is not None and r["eager_us"] is not None and r["compiled_us"] is None
-        assert r["bytes"] > 0 and r["triton_gbps"] is not None
-        assert not any(k.endswith("_error") for k in r)
-    table = bench.format_markdown(rows)
+    cases = bench.cases(DEVICE, [3], [10], compile_reference=False)
+    assert [c.op for c in cases] == BENCH_OPS
+    for case in cases:
+        assert case.nbytes > 0 and case.dtype == "float32"
+        assert case.shape == ("x".join(map(str, bench.PGD_SHAPE)) if case.op.startswith("pgd") else "3x10")
+        assert set(case.impls) == {"triton", "eager", "compiled"} and case.impls["compiled"] is None
+        got, want = pytree.tree_leaves(case.impls["triton"]()), pytree.tree_leaves(case.impls["eager"]())
+        assert len(got) == len(want) > 0, case.op
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.device == DEVICE, case.op
+            assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6), case.op
+    rows = [{"op": c.op, "shape": c.shape, "dtype": c.dtype, "bytes": c.nbytes, "triton_us": 1.0, "eager_us": 2.0,
+             "compiled_us": None, "triton_gbps": c.nbytes / 1e3, "eager_gbps": c.nbytes / 2e3, "compiled_gbps": None,
+             "speedup_vs_eager": 2.0, "speedup_vs_compiled": None} for c in cases]
+    table = kernel_markdown(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) and lines[0].startswith("| op | shape")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert all(line.startswith(f"| {op} |") for line, op in zip(lines[2:], BENCH_OPS))
 
 
-def test_bench_past_its_deadline_reports_every_case_as_skipped():
-    """Under a time budget (fastrobust.gpu_suite) cases past the deadline are listed, not dropped."""
+def test_bench_timer_past_its_deadline_runs_every_case_once():
+    """Under a deadline (fastrobust check-gpu's time budget) the shared timer still runs every kernel
+    variant once (the first round always runs) and starts no further round: no case is dropped."""
     import time
 
+    from fastrobust.bench import interleaved
     from kernels import bench
 
-    timer = bench._cuda_timer if DEVICE.type == "cuda" else bench._wall_timer
-    rows = bench._run(str(DEVICE), [3], [10], iters=1, repeats=1, warmup=0, dtype=torch.float32, timer=timer,
-                      compile_reference=True, deadline=time.monotonic())
-    assert len(rows) == 6
-    assert all(r["status"] == bench.BUDGET_SKIP and r["triton_us"] is None and r["compiled_us"] is None
-               for r in rows)
-    table = bench.format_markdown(rows)
-    assert "6 case(s) not measured" in table
+    cases = bench.cases(DEVICE, [3], [10], compile_reference=True)
+    assert all(c.impls["compiled"] is not None for c in cases)   # wrapped lazily: nothing compiles here
+    calls = []
+
+    def counted(name, fn):   # a timed variant returns None (or a dict of phase times), not the result
+        return lambda: (calls.append(name), fn()) and None
+    variants = {f"{c.op} {impl}": counted(f"{c.op} {impl}", fn) for c in cases for impl, fn in c.impls.items()
+                if fn is not None and impl != "compiled"}   # compile time is not what this checks
+    assert len(variants) == 2 * len(BENCH_OPS)
+    timings = interleaved(variants, repeats=5, warmup=0, device=DEVICE, deadline=time.time())
+    assert list(timings) == list(variants)
+    assert all(t.summary()["calls"] == 1 and len(t.cpu) == 1 for t in timings.values())
+    assert calls == list(variants)
 
 
 @interpreter_only

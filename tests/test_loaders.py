@@ -536,16 +536,23 @@ def test_import_and_auto_without_ffcv(data_dir):
 # ---------------------------------------------------------------------------------------------
 # benchmark plumbing (no timing assertions)
 # ---------------------------------------------------------------------------------------------
-def test_bench_rows_and_markdown(data_dir):
-    rows = bench.run("cpu", "cifar10", batch_size=64, backends=("gpu", "torch"), num_batches=3,
-                     warmup_batches=1, data_dir=data_dir, limit=256, num_workers=0,
-                     consumer_img_per_s=1.0, repeats=2)
+def test_bench_rows(data_dir):
+    """loaders.bench.window defines the case, fastrobust.bench.run_loader_bench times it (the shared
+    interleaved timer): one row per backend, images counted per window, the loader / step ratio."""
+    from fastrobust.bench import run_loader_bench
+    w = bench.window("torch", "cpu", batch_size=64, batches=10, data_dir=data_dir, limit=256, num_workers=0)
+    assert w.images == 10 * 64
+    w()   # 10 batches from an epoch of 4 (256 / 64, drop_last): it crosses epoch boundaries
+    rows = run_loader_bench("cpu", 64, ("gpu", "torch"), repeats=2, data_dir=data_dir, consumer=1.0,
+                            dataset="cifar10", batches=3, limit=256, num_workers=0)
     assert [r["backend"] for r in rows] == ["gpu", "torch"]
     for r in rows:
-        assert r["status"] == "ok" and r["images"] == 2 * 3 * 64 and r["img_per_s"] > 0
-        assert r["loader_over_step"] == r["img_per_s"] and r["verdict"].startswith("ok")
-    md = bench.format_markdown(rows)
-    assert "loader / step" in md and md.count("\n") == 3
-    assert "loader / step" not in bench.format_markdown(
-        bench.run("cpu", batch_size=32, backends=("gpu",), num_batches=1, warmup_batches=0,
-                  data_dir=data_dir, limit=64))
+        assert r["status"] == "ok" and r["batches_per_window"] * r["batch_size"] == 3 * 64 and r["img_per_s"] > 0
+        assert r["windows"] == 2 and r["img_per_cpu_s"] > 0
+        assert r["loader_over_step"] == r["img_per_s"]   # consumer: 1 img/s
+    (only,) = run_loader_bench("cpu", 32, ("gpu",), repeats=1, data_dir=data_dir, batches=1, limit=64)
+    assert only["status"] == "ok" and "loader_over_step" not in only   # no consumer, no ratio
+    (missing,) = run_loader_bench("cpu", 32, ("nope",), repeats=1, data_dir=data_dir, batches=1, limit=64)
+    assert missing["status"].startswith("unavailable: ConfigError: unknown backend 'nope'") and missing["img_per_s"] is None
+    with pytest.raises(RuntimeError, match="loader yields no batches"):
+        bench.window("gpu", "cpu", batch_size=128, batches=1, data_dir=data_dir, limit=64)()

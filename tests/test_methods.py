@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from conftest import random_smallcnn
+from fastrobust import distributed as dist
+from fastrobust.attacks import pgd_perturb, random_start
 from fastrobust.config import TrainConfig
-from fastrobust.methods import AdvBatch, build_method, class_margins, dro_class_weights, per_sample_sensitivity
+from fastrobust.methods import (AT, DTRADES, FAAL, MART, TRADES, AdvBatch, Standard, class_margins,
+                                dro_class_weights, per_sample_sensitivity)
+from fastrobust.step import TrainStep
 
-
-def _cfg(method, **kw):
-    base = dict(dataset="mnist", model="smallcnn", method=method, eps=0.3, attack_steps=3, attack_step_size=0.1,
-                kernels="reference")
-    base.update(kw)
-    return TrainConfig(**base).validate()
+EPS = 0.3  # the MNIST training radius
 
 
 def _batch(seed, n=12):
@@ -33,6 +32,10 @@ def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _loss(method, model, x, y, adv):
+    return method.loss(model, x, y, adv, backend="reference")
+
+
 # independent float64 formulas: explicit softmax, log and sums, no shared helpers with the library
 def _probs(logits):
     e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
@@ -49,44 +52,45 @@ def _kl(z, z_adv):
     return (p * (torch.log(p) - torch.log(q))).sum(1)
 
 
-def formula(method, model, x, x_adv, y, cfg, sens=None, class_w=None):
+def formula(m, model, x, x_adv, y, sens=None, class_w=None):
     z, z_adv = model(x), model(x_adv)
     idx = torch.arange(len(y))
-    if method == "standard":
+    if m.name == "standard":
         return _ce(z, y).mean()
-    if method == "trades":
-        return _ce(z, y).mean() + cfg.beta * _kl(z, z_adv).mean()
-    if method == "mart":
+    if m.name == "at":
+        return _ce(z_adv, y).mean()
+    if m.name == "trades":
+        return _ce(z, y).mean() + m.beta * _kl(z, z_adv).mean()
+    if m.name == "mart":
         q, p = _probs(z_adv), _probs(z)
         q_masked = q.clone()
         q_masked[idx, y] = -1
         wrong = q_masked.argmax(1)
         bce = _ce(z_adv, y) - torch.log(1.0001 - q[idx, wrong])
-        return (bce + cfg.beta * _kl(z, z_adv) * (1 - p[idx, y])).mean()
-    if method == "dtrades":
+        return (bce + m.beta * _kl(z, z_adv) * (1 - p[idx, y])).mean()
+    if m.name == "dtrades":
         p = _probs(z).detach()
-        h = -(p * torch.log(p + cfg.entropy_eps)).sum(1)
+        h = -(p * torch.log(p + m.entropy_eps)).sum(1)
         mm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
-        lam = cfg.lambda_scale * (cfg.lambda_alpha * mm(h) + cfg.lambda_beta * mm(sens))
+        lam = m.scale * (m.alpha * mm(h) + m.beta * mm(sens))
         return _ce(z, y).mean() + (lam * _kl(z, z_adv)).mean()
-    if method == "faal":
+    if m.name == "faal":
         c = z_adv.shape[1]
-        per = _ce(z, y) + cfg.beta * _kl(z, z_adv)
+        per = _ce(z, y) + m.beta * _kl(z, z_adv)
         return (c / len(y)) * (class_w[y] * per).sum()
-    raise AssertionError(method)
+    raise AssertionError(m.name)
 
 
-def _compare(method, cfg, seed, sens_fn=None):
+def _compare(m, seed, sens_fn=None):
     model = _model(seed)
     x, x_adv, y = _batch(seed)
-    m = build_method(cfg)
-    out = m.loss(model, x, y, AdvBatch(x_adv, None))
+    out = _loss(m, model, x, y, AdvBatch(x_adv, None))
     grads = torch.autograd.grad(out.loss, _params(model))
     sens = out.stats.get("sensitivity")
     class_w = out.stats.get("class_weights")
     if class_w is not None:
         class_w = class_w.double()
-    ref = formula(method, model, x, x_adv, y, cfg, sens=sens_fn(model, x, x_adv) if sens_fn else sens, class_w=class_w)
+    ref = formula(m, model, x, x_adv, y, sens=sens_fn(model, x, x_adv) if sens_fn else sens, class_w=class_w)
     ref_grads = torch.autograd.grad(ref, _params(model))
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=0)
     for g, r in zip(grads, ref_grads):
@@ -95,10 +99,49 @@ def _compare(method, cfg, seed, sens_fn=None):
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("method,kw", [("standard", {}), ("trades", {"beta": 4.0}), ("mart", {"beta": 5.0}),
-                                       ("faal", {"faal_r": 0.3, "faal_base": "trades", "beta": 2.0})])
-def test_loss_and_gradients_match_formula(method, kw, seed):
-    _compare(method, _cfg(method, **kw), seed)
+@pytest.mark.parametrize("method", [Standard(), AT(), TRADES(beta=4.0), MART(beta=5.0),
+                                    FAAL(r=0.3, base="trades", beta=2.0)], ids=lambda m: m.name)
+def test_loss_and_gradients_match_formula(method, seed):
+    _compare(method, seed)
+
+
+def test_at_loss_uses_only_the_adversarial_forward():
+    """PGD-AT's loss is CE(f(x'), y): the clean input must not enter it (a NaN there changes nothing)."""
+    model = _model(12)
+    x, x_adv, y = _batch(12)
+    out = _loss(AT(), model, torch.full_like(x, float("nan")), y, AdvBatch(x_adv))
+    torch.testing.assert_close(out.loss, _ce(model(x_adv), y).mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.stats["ce_adv"], _ce(model(x_adv), y), rtol=1e-10, atol=0)
+    assert out.logits_nat is None and out.logits_adv is not None
+
+
+def _ce_pgd_by_hand(model, x, y, start, step_size, steps):
+    """L-inf CE PGD written out: sign steps, projection onto the eps-ball and the box."""
+    x_cur = start
+    for _ in range(steps):
+        x_cur = x_cur.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(_ce(model(x_cur), y).sum(), x_cur)
+        x_cur = torch.min(torch.max(x_cur.detach() + step_size * g.sign(), x - EPS), x + EPS).clamp(0, 1)
+    return x_cur
+
+
+def test_at_training_attack_is_uniform_start_ce_pgd():
+    """The trainer's attack for AT is Madry's: a uniform start in the eps-ball, then CE sign steps.
+    Run in float64 with the reference ops, so the comparison is exact up to float64 rounding."""
+    assert (AT.objective, AT.random_start) == ("ce", "uniform")
+    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=AT(), eps=EPS, attack_steps=3, attack_step_size=0.1,
+                      kernels="reference", device="cpu", amp="off", compile=False, seed=5).validate()
+    model = _model(13).train()
+    x, _, y = _batch(13)
+    step = 4
+    adv = TrainStep(cfg, model, torch.device("cpu")).attack(x, y, step)
+    assert model.training  # the attack ran in eval mode and restored the mode
+    g = torch.Generator().manual_seed(dist.derive_seed(cfg.seed, "attack-start", step))
+    start = random_start(x, EPS, "linf", "uniform", generator=g)
+    # uniform in the ball, not TRADES' 0.001 N(0, 1): the start spreads over the whole radius
+    assert (start - x).abs().max() > 0.9 * EPS
+    expected = _ce_pgd_by_hand(model.eval(), x, y, start, 0.1, 3)
+    torch.testing.assert_close(adv.x_adv, expected, rtol=0, atol=1e-12)
 
 
 def _sensitivity_by_loop(model, x, x_adv):
@@ -114,16 +157,16 @@ def _sensitivity_by_loop(model, x, x_adv):
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_dtrades_exact_matches_formula(seed):
-    cfg = _cfg("dtrades", sensitivity="exact", lambda_alpha=0.7, lambda_beta=1.3)
-    out = _compare("dtrades", cfg, seed, sens_fn=_sensitivity_by_loop)
+    m = DTRADES(sensitivity="exact", alpha=0.7, beta=1.3)
+    out = _compare(m, seed, sens_fn=_sensitivity_by_loop)
     lam = out.stats["lambda"]
-    assert lam.min() >= 0 and lam.max() <= cfg.lambda_alpha + cfg.lambda_beta + 1e-12
+    assert lam.min() >= 0 and lam.max() <= m.alpha + m.beta + 1e-12
 
 
 def test_dtrades_sensitivity_modes_agree_in_eval_mode():
     model = _model(5)
     x, x_adv, y = _batch(5)
-    exact = build_method(_cfg("dtrades", sensitivity="exact")).loss(model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
+    exact = _loss(DTRADES(sensitivity="exact"), model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
     func = per_sample_sensitivity(model, x_adv, model(x).detach())
     torch.testing.assert_close(func, exact, rtol=1e-5, atol=0)
     torch.testing.assert_close(func, _sensitivity_by_loop(model, x, x_adv), rtol=1e-5, atol=0)
@@ -132,22 +175,33 @@ def test_dtrades_sensitivity_modes_agree_in_eval_mode():
 def test_dtrades_func_mode_uses_running_stats_with_batchnorm():
     model = random_smallcnn(6, batchnorm=True).double().eval()
     x, x_adv, y = _batch(6)
-    exact = build_method(_cfg("dtrades", sensitivity="exact")).loss(model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
-    func = build_method(_cfg("dtrades", sensitivity="func")).loss(model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
+    exact = _loss(DTRADES(sensitivity="exact"), model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
+    func = _loss(DTRADES(sensitivity="func"), model, x, y, AdvBatch(x_adv)).stats["sensitivity"]
     torch.testing.assert_close(func, exact, rtol=1e-5, atol=0)
 
 
 def test_dtrades_attack_sensitivity_is_last_pgd_gradient():
-    model = _model(7).float()
+    """The attack runs in float64 (double model and inputs; the attack keeps float64 through) from a
+    start drawn here, and the reference gradient is taken at that same start, so both sides compute
+    the same float64 quantity: they agree to ~1e-10 on any CPU. (A float32 attack against a float64
+    reference is not exact: at 0.001 from x the KL gradient is a difference of nearly equal softmaxes,
+    and float32 rounding there reached 1.5e-4 relative error on some CPUs.)"""
+    model = _model(7)
     x, _, y = _batch(7)
-    x = x.float()
-    cfg = _cfg("dtrades", sensitivity="attack", attack_steps=1)
-    torch.manual_seed(11)
-    adv = build_method(cfg).attack(model, x, y)
-    torch.manual_seed(11)
-    x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)  # the TRADES start
-    (g,) = torch.autograd.grad(_kl(model(x).detach().double(), model(x0).double()).sum(), x0)
-    torch.testing.assert_close(adv.grad_norm, g.flatten(1).norm(dim=1).float(), rtol=1e-4, atol=1e-7)
+    m = DTRADES(sensitivity="attack")
+    assert (m.objective, m.random_start) == ("kl", "trades")
+    start = random_start(x, EPS, "linf", m.random_start, generator=torch.Generator().manual_seed(11))
+    assert start.dtype == torch.float64
+    res = pgd_perturb(model, x, y, eps=EPS, step_size=0.1, steps=1, norm="linf", objective=m.objective, start=start)
+    assert res.last_grad_norm.dtype == torch.float64
+    x0 = start.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_kl(model(x).detach(), model(x0)).sum(), x0)
+    expected = g.flatten(1).norm(dim=1)
+    assert (expected > 0).all()
+    torch.testing.assert_close(res.last_grad_norm, expected, rtol=1e-10, atol=0)
+    # and the "attack" sensitivity is that gradient norm, handed over unchanged
+    out = _loss(m, model, x, y, AdvBatch(res.x_adv, res.last_grad_norm))
+    assert torch.equal(out.stats["sensitivity"], res.last_grad_norm)
 
 
 def test_dtrades_with_constant_lambda_equals_trades():
@@ -155,10 +209,8 @@ def test_dtrades_with_constant_lambda_equals_trades():
     model = _model(8)
     x, x_adv, y = _batch(8)
     ones = torch.ones(len(y), dtype=torch.float64)
-    d = build_method(_cfg("dtrades", sensitivity="attack", lambda_norm="none", lambda_alpha=0.0, lambda_beta=c))
-    t = build_method(_cfg("trades", beta=c))
-    ld = d.loss(model, x, y, AdvBatch(x_adv, ones))
-    lt = t.loss(model, x, y, AdvBatch(x_adv))
+    ld = _loss(DTRADES(sensitivity="attack", norm="none", alpha=0.0, beta=c), model, x, y, AdvBatch(x_adv, ones))
+    lt = _loss(TRADES(beta=c), model, x, y, AdvBatch(x_adv))
     assert torch.equal(ld.stats["lambda"], torch.full_like(ones, c))
     torch.testing.assert_close(ld.loss, lt.loss, rtol=1e-14, atol=0)
 
@@ -166,17 +218,17 @@ def test_dtrades_with_constant_lambda_equals_trades():
 def test_dtrades_mean_normalisation_sets_batch_mean_lambda():
     model = _model(9)
     x, x_adv, y = _batch(9)
-    cfg = _cfg("dtrades", lambda_norm="mean", lambda_scale=3.0)
-    lam = build_method(cfg).loss(model, x, y, AdvBatch(x_adv)).stats["lambda"]
-    assert math.isclose(float(lam.mean()), 3.0 * (cfg.lambda_alpha + cfg.lambda_beta), rel_tol=1e-9)
+    m = DTRADES(norm="mean", scale=3.0)
+    lam = _loss(m, model, x, y, AdvBatch(x_adv)).stats["lambda"]
+    assert math.isclose(float(lam.mean()), 3.0 * (m.alpha + m.beta), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("base", ["at", "mart"])
 def test_faal_other_bases_reweight_per_sample_losses(base):
     model = _model(10)
     x, x_adv, y = _batch(10, n=20)
-    cfg = _cfg("faal", faal_base=base, faal_r=0.5)
-    out = build_method(cfg).loss(model, x, y, AdvBatch(x_adv))
+    m = FAAL(base=base, r=0.5)
+    out = _loss(m, model, x, y, AdvBatch(x_adv))
     w = out.stats["class_weights"].double()
     z, z_adv = model(x), model(x_adv)
     if base == "at":
@@ -186,7 +238,7 @@ def test_faal_other_bases_reweight_per_sample_losses(base):
         q, p = _probs(z_adv), _probs(z)
         qm = q.clone()
         qm[idx, y] = -1
-        per = _ce(z_adv, y) - torch.log(1.0001 - q[idx, qm.argmax(1)]) + cfg.beta * _kl(z, z_adv) * (1 - p[idx, y])
+        per = _ce(z_adv, y) - torch.log(1.0001 - q[idx, qm.argmax(1)]) + m.beta * _kl(z, z_adv) * (1 - p[idx, y])
     ref = (10 / len(y)) * (w[y] * per).sum()
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=0)
 

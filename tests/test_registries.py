@@ -1,0 +1,77 @@
+"""Names have one source of truth: every list of valid choices (methods, models, attacks, normalisations,
+backends, datasets, profiles) comes from its registry, and no other list of those names exists in the code.
+
+The check reads every module of the four packages and flags any literal tuple, list, set or dict keys of
+two or more strings of one registry, unless it is that registry's own definition. The recipes' protocol
+tables (recipes/protocols.py, recipes/published.py) are exempt: they name the cells a profile trains and
+the seed's numbers, which is data about the paper, not a list of valid choices.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import kernels
+import loaders
+import recipes
+from fastrobust.attacks import ATTACKS
+from fastrobust.methods import METHODS
+from fastrobust.models import list_models
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("fastrobust", "kernels", "loaders", "recipes")
+EXEMPT = {"recipes/protocols.py", "recipes/published.py"}
+
+REGISTRIES = {
+    "methods": (set(METHODS), {("fastrobust/methods.py", "METHODS")}),
+    "models": (set(list_models()), set()),
+    "attacks": (set(ATTACKS), {("fastrobust/attacks.py", "ATTACKS")}),
+    "normalisations": (set(kernels.NORMALIZE_MODES), {("kernels/reference.py", "NORMALIZE_MODES")}),
+    "kernel backends": (set(kernels.BACKENDS), {("kernels/dispatch.py", "BACKENDS")}),
+    "loader backends": (set(loaders.BACKENDS), {("loaders/__init__.py", "BACKENDS")}),
+    "datasets": (set(loaders.DATASETS), {("loaders/datasets.py", "DATASETS")}),
+    "profiles": (set(recipes.PROFILES), set()),
+}
+
+
+def _string_literals(tree: ast.AST):
+    """(line, names, assigned-to) of every literal collection of two or more strings."""
+    assigned = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and node.value is not None:
+                    assigned[id(node.value)] = t.id
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            items = node.elts
+        elif isinstance(node, ast.Dict):
+            items = [k for k in node.keys if k is not None]
+        else:
+            continue
+        names = [e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        if len(names) >= 2:
+            yield node.lineno, names, assigned.get(id(node))
+
+
+def test_no_list_of_registry_names_outside_its_registry():
+    found = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel in EXEMPT:
+                continue
+            for line, names, target in _string_literals(ast.parse(path.read_text())):
+                for kind, (valid, homes) in REGISTRIES.items():
+                    hits = sorted(set(names) & valid)
+                    if len(hits) >= 2 and (rel, target) not in homes:
+                        found.append(f"{rel}:{line}: {kind} {hits} (use the registry)")
+    assert not found, "lists of registry names outside their registries:\n" + "\n".join(found)
+
+
+def test_the_check_catches_a_copied_list(tmp_path):
+    """The check itself can fail: a module with a hand-written method list is flagged."""
+    tree = ast.parse("VALID = ('trades', 'dtrades', 'mart')\n")
+    (line, names, target), = list(_string_literals(tree))
+    assert target == "VALID" and len(set(names) & REGISTRIES["methods"][0]) == 3
