@@ -87,7 +87,8 @@ def tables(found: dict, profile: str) -> str:
            f"{SOURCE}; they come from another evaluation protocol (recipes/published.py). Radii: "
            + "; ".join(f"{NAMES[d]} {radius(found, profile, d)}" for d in datasets)
            + f" (every attack of a dataset at its radius; RobustBench's CIFAR-10 standard is 8/255 = 0.03137)."
-           + " PGD is PGD-" + "/".join(sorted({str(prof.eval[d].get("pgd_steps", 20)) for d in datasets})) + ".", ""]
+           + " PGD is PGD-" + "/".join(sorted({str(prof.eval[d].get("pgd_steps", 20)) for d in datasets})) + "."
+           + points_note(found, datasets), ""]
     paper_archs = ARCHS["cifar10"]   # the paper's Tables 6.(2j+1) are ResNet-18's, 6.(2j+2) VGG-16's
     kinds = [(1, "the D-TRADES ablation, alpha = beta = 0.5 against 1.0", "ra", ABLATION),
              (3, "natural and robust accuracy", "ra", rows), (5, "robustness drop RD = NA - RA", "rd", rows),
@@ -120,6 +121,21 @@ def tables(found: dict, profile: str) -> str:
     if flags:
         out += ["## The seed's own inconsistencies", ""] + [f"- {f}" for f in flags] + [""]
     return "\n".join(out)
+
+
+def points_note(found: dict, datasets: list[str]) -> str:
+    """How many test points each column counts: AutoAttack usually runs on fewer, and its first points can be
+    easier or harder than the rest, so its RA is compared with PGD's on the same points in the checks."""
+    notes = []
+    for d in datasets:
+        runs = [r for (dd, _, _), r in found.items() if dd == d]
+        if runs:
+            counts = ", ".join(f"{LABELS[a]} {n}" for a, n in runs[0]["n_attacked"].items())
+            notes.append(f"{NAMES[d]}: NA on {runs[0]['n']} test points, {counts}")
+    if not notes:
+        return ""
+    return (" Points per column: " + "; ".join(notes) + " (RD and the ordering checks compare each attack with NA "
+            "and PGD on its own points).")
 
 
 def seed_inconsistencies(seed: dict = SEED) -> list[str]:

@@ -63,7 +63,9 @@ def mnist_test(data_dir):
 
 @pytest.fixture(scope="session")
 def trained_smallcnn(data_dir):
-    """SmallCNN after a short clean training run on real MNIST (a few seconds on 2 cores)."""
+    """SmallCNN after a short clean training run on real MNIST (a few seconds on 2 cores). Its NA on the
+    first 1000 test images depends on the CPU's rounding (the run is chaotic): 96.9% on AVX-512, 93.9%
+    with AVX2 forced (one thread). Tests that only need "a trained model" ask for NA > 80%: chance is 10%."""
     import loaders
     from fastrobust.models import create_model
 

@@ -45,7 +45,11 @@ def test_pgd_no_worse_than_fgsm_on_average(small_model):
     eps = 0.1
     fgsm = FGSM(eps=eps)(small_model, x, y)
     pgd = PGD(eps=eps, step_size=0.025, steps=10, norm="linf", random_start="none", objective="ce")(small_model, x, y)
-    assert _ce(small_model, pgd, y).mean() >= _ce(small_model, fgsm, y).mean()
+    # 1e-3 relative: far above float32 rounding of a 64-sample mean (PGD's clipped iterate can equal FGSM's
+    # bit for bit on some points), far below the gap a PGD that does not ascend would leave
+    pgd_ce, fgsm_ce = _ce(small_model, pgd, y).mean(), _ce(small_model, fgsm, y).mean()
+    print(f"CE after PGD {float(pgd_ce):.5f}, after FGSM {float(fgsm_ce):.5f}")
+    assert pgd_ce >= fgsm_ce * (1 - 1e-3)
 
 
 def test_loss_increases_along_the_attack(small_model):
@@ -156,7 +160,9 @@ def test_autoattack_wrapper_respects_ball_and_beats_clean(small_model):
     assert (x_adv - x).abs().max() <= 0.1 + 1e-5
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
-        assert (small_model(x_adv).argmax(1) != y).sum() > 0
+        fooled = int((small_model(x_adv).argmax(1) != y).sum())
+    print(f"APGD-CE fooled {fooled} of 16")
+    assert fooled > 0   # an untrained model at eps 0.1: APGD-CE flips most points, on any CPU
 
 
 @pytest.mark.parametrize("kind,norm", [("uniform", "linf"), ("uniform", "l2"), ("trades", "linf")])

@@ -6,6 +6,8 @@ attack (PGD-20 x 0.01 at eps 0.3) from the same start: final KL(p || q) under pl
 with the first step in fp32 1.00 (BENCHMARKS.md). The thresholds below sit far from both figures, so CPU
 rounding differences cannot move a result across them.
 """
+import math
+
 import pytest
 import torch
 
@@ -34,10 +36,16 @@ def precision(data_dir):
 
 
 def test_bf16_attack_with_an_fp32_first_step_is_as_strong_as_fp32(precision):
+    """Thresholds halfway between the broken and the fixed attack, not at the fixed one's measured value:
+    final KL over fp32's 0.84 for plain bf16 and 1.00 with the fp32 first step (BENCHMARKS.md), so 0.92
+    leaves 8 points either way, far above what a CPU's rounding moves; the RA bound is the binomial noise
+    of a re-drawn attack on 256 points (two standard errors, at least 5 points)."""
     fp32 = precision["fp32"]
     fixed = precision["bf16, first step fp32"]
-    assert fixed["kl_mean"] >= 0.97 * fp32["kl_mean"], (fixed, fp32)
-    assert fixed["ra_fp32"] <= fp32["ra_fp32"] + 0.03, (fixed, fp32)
+    print({k: (round(v["kl_mean"] / fp32["kl_mean"], 4), v["ra_fp32"]) for k, v in precision.items()})
+    assert fixed["kl_mean"] >= 0.92 * fp32["kl_mean"], (fixed, fp32)
+    p, n = fp32["ra_fp32"], fixed["n"]
+    assert fixed["ra_fp32"] <= p + max(0.05, 2 * math.sqrt(p * (1 - p) / n)), (fixed, fp32)
 
 
 def test_plain_bf16_attack_is_measurably_weaker(precision):

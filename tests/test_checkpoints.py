@@ -168,7 +168,7 @@ def test_cli_eval_runs_and_rejects_mismatch(tmp_path, trained_smallcnn, data_dir
     assert "Natural" in out and "AutoAttack" in out
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     (only,) = res.values()
-    assert only["n"] == 100 and only["na"] > 0.9
+    assert only["n"] == 100 and only["na"] > 0.8   # a trained model (conftest: 94-97% measured), chance 10%
     man = json.loads((tmp_path / "ev" / "eval_manifest.json").read_text())
     assert man["checkpoint_sha256"] and man["samples"]["autoattack"] == 10
     assert man["config"]["eps"] == 0.3   # the training radius recorded in the checkpoint
@@ -652,7 +652,7 @@ def test_trades_layout_state_dict_evaluates_identically_through_the_cli(tmp_path
     hand = evaluate(_by_hand(state).to(device), data.images, data.labels, cfg, device, progress=False)
     write_json(tmp_path / "hand.json", hand.to_dict())
     assert cli == json.loads((tmp_path / "hand.json").read_text())
-    assert cli["na"] > 0.9 and cli["ra"]["pgd"] <= cli["na"]   # the folded weights are the trained model's
+    assert cli["na"] > 0.8 and cli["ra"]["pgd"] <= cli["na"]   # the folded weights are the trained model's
 
 
 def test_trades_layout_with_dataparallel_prefix_and_a_mismatch(tmp_path):

@@ -161,7 +161,7 @@ def test_a_ddp_step_equals_a_single_process_step(ddp_run, tmp_path, data_dir, in
     1e-7 of the weights is the rounding of the update's addition (float32 eps 6e-8). 1e-4 of the update
     bounds the rounding of the gradient sums (two halves all-reduced vs one sum: ~1e-7 relative, a few
     ulps more through momentum and weight decay), with 100x margin. It holds on any CPU by
-    construction: same thread count, so the per-sample work is bitwise equal (checked first, as the
+    construction: same thread count, so the per-sample work agrees to a few ulps (checked first, as the
     premise), and only summation order differs (measured worst ratio ~1e-6 on AVX-512, AVX2, SSE4.1)."""
     runs, _ = ddp_run
     ckpts = runs / f"mnist_{method}_smallcnn" / "smoke" / "checkpoints"
@@ -169,8 +169,12 @@ def test_a_ddp_step_equals_a_single_process_step(ddp_run, tmp_path, data_dir, in
     assert before["world_size"] == 2 and len(before["rng_ranks"]) == 2
     assert before["config"]["norm"] == "l2" and (method != "dtrades" or before["config"]["method"]["sync"] == "global")
     with _rank_threads():
-        probe, x = random_smallcnn(0).eval(), torch.rand(64, 1, 28, 28)
-        assert torch.equal(probe(x[:32]), probe(x)[:32]), "premise: a sample's logits depend on the batch size here"
+        # in channels_last, as the trainer runs the model; a few ulps of the logits at most between batch
+        # shapes (bitwise equal on AVX-512, AVX2 and SSE4.1 as measured), which the bound below absorbs
+        probe = random_smallcnn(0).eval().to(memory_format=torch.channels_last)
+        x = torch.rand(64, 1, 28, 28).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(probe(x[:32]), probe(x)[:32], rtol=1e-5, atol=1e-6,
+                                   msg="premise: a sample's logits depend on the batch size here")
         single = _one_step(_cfg(method, data_dir, init_ckpt, tmp_path, resume=True), ckpts / "step-00000003.pt")
     worst = 0.0
     for k, v in after["model"].items():
@@ -191,6 +195,7 @@ def test_distributed_evaluation_equals_single_process_exactly(ddp_run, mnist_tes
     run = runs / "mnist_dtrades_smallcnn" / "smoke"
     (ddp,) = json.loads((run / "results.json").read_text()).values()
     model, _ = ck.load_model(run / "checkpoints" / "final.pt")
+    model = model.to(memory_format=torch.channels_last)   # the layout the ranks evaluated in: the same kernels
     cfg = EvalConfig(dataset="mnist", **EVAL)
     with _rank_threads():
         single = evaluate(model, mnist_test.images, mnist_test.labels, cfg, progress=False, distributed=False).to_dict()
@@ -361,7 +366,8 @@ def test_global_lambda_is_the_same_loss_as_the_fused_one(norm, backend, mnist_te
         out = DTRADES(norm=norm, sync=sync).loss(model, x, y, adv, backend=backend, distributed=True)
         outs[sync] = (out, torch.autograd.grad(out.loss, list(model.parameters())))
     (a, ga), (b, gb) = outs["local"], outs["global"]
-    assert torch.allclose(a.loss, b.loss, rtol=1e-6, atol=0)
+    # rtol 1e-5: 40x the one-ulp (2.4e-7) lambda gap measured under AVX2 (see the gradients below)
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5, atol=0)
     assert torch.allclose(a.stats["lambda"], b.stats["lambda"], rtol=1e-5, atol=1e-6)
     # Norm-wise, not element-wise: the two paths form lambda's batch mean in different summation orders, so
     # lambda may differ by a float32 ulp (measured: 2.4e-7 under AVX2, 0 under AVX-512), and the parameter
@@ -376,7 +382,7 @@ def test_global_lambda_is_the_same_loss_as_the_fused_one(norm, backend, mnist_te
     if norm == "minmax":
         assert torch.equal(sharded, whole[1::2])
     else:
-        assert torch.allclose(sharded, whole[1::2], rtol=1e-6)
+        assert torch.allclose(sharded, whole[1::2], rtol=1e-5)   # sum / count in another order: a few ulps
 
 
 def _start(x, step, *, rank=0, world_size=1, kind, eps, norm, seed=5):

@@ -84,10 +84,10 @@ def test_paper_mnist_pgd_is_too_weak_and_flagged(trades_smallcnn, mnist_test):
 
 
 def test_clean_model_numbers_are_consistent(result):
-    """The clean-trained SmallCNN at eps 0.3 against a PGD that covers its ball: NA far above 90% and
+    """The clean-trained SmallCNN at eps 0.3 against a PGD that covers its ball: NA far above 80% and
     every attack near 0% RA, so each check holds by a wide margin on any CPU (the margins are printed)."""
     print(f"NA {result.na:.3f}, RA {result.ra}", *(c.line() for c in result.checks), sep="\n")
-    assert result.na > 0.9
+    assert result.na > 0.8   # 94-97% measured across instruction sets (conftest.trained_smallcnn)
     assert set(result.ra) == {"fgsm", "pgd", "autoattack"}
     assert result.ra["autoattack"] <= result.ra["pgd"] <= result.ra["fgsm"] <= result.na
     assert result.n == 300 and result.n_attacked["autoattack"] == 40

@@ -141,7 +141,10 @@ def test_an_attack_is_one_class(noise_first_in_attacks, trained_smallcnn, mnist_
     cfg = EvalConfig(dataset="mnist", eps=0.3, attacks=("noise", "pgd"), pgd_step_size=0.03, num_samples=64,
                      aa_samples=0, sweep_samples=0, batch_size=64)
     r = evaluate(trained_smallcnn, mnist_test.images, mnist_test.labels, cfg, progress=False)
-    assert set(r.ra) == {"noise", "pgd"} and r.ra["pgd"] <= r.ra["noise"] <= r.na
+    assert set(r.ra) == {"noise", "pgd"} and r.ra["pgd"] <= r.ra["noise"]   # 0% against ~95%: any CPU
+    # noise can turn a wrong point right, so its RA against NA is left to the evaluator's ordering check,
+    # which allows two standard errors
     assert r.label("noise") == "Noise"
     # the registry's order sets the ordering checks: the new attack sits between PGD and NA
-    assert {"ordering PGD-20 <= Noise", "ordering Noise <= NA"} <= {c.name for c in r.checks}
+    ordering = {c.name: c.passed for c in r.checks if c.name.startswith("ordering")}
+    assert ordering == {"ordering PGD-20 <= Noise": True, "ordering Noise <= NA": True}, r.checks

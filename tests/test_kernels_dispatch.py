@@ -208,7 +208,8 @@ def test_compile_fullgraph_dtrades_forward_backward():
     lr = R.dtrades_loss(zr, zar, y.cpu(), s.cpu().double(), 1.0, 0.5, "minmax", 2.0, 1e-12).loss
     lr.backward()
     assert torch.allclose(lc.cpu().double(), lr, rtol=1e-5)
-    assert torch.allclose(gzc.cpu().double(), zr.grad, rtol=1e-4, atol=1e-7)
+    # atol 1e-6: a cancelling gradient element is a few float32 ulps of its O(1) terms (test_kernels' floor)
+    assert torch.allclose(gzc.cpu().double(), zr.grad, rtol=1e-4, atol=1e-6)
 
 
 @not_audited
@@ -283,12 +284,14 @@ def test_mean_normalisation(backend):
     alpha, beta, scale = 1.5, 0.5, 3.0
     z, za, y, s = make(B=16, C=10, seed=8, on_device=True)
     lam = kernels.dtrades_loss(z, za, y, s, alpha, beta, "mean", scale, backend=backend).lam
-    assert torch.allclose(lam.mean().cpu(), torch.tensor(scale * (alpha + beta), dtype=lam.dtype), rtol=1e-6)
+    # rtol 1e-5 (test_kernels' RTOL): a float32 mean's summation order follows the SIMD width, a few ulps
+    # (1e-6 is only ~8 ulps); a wrong normalisation is off by O(1)
+    assert torch.allclose(lam.mean().cpu(), torch.tensor(scale * (alpha + beta), dtype=lam.dtype), rtol=1e-5)
     # a zero-mean (all-zero) sensitivity normalises to 1, not NaN
     out = kernels.dtrades_loss(z, za, y, to_dev(torch.zeros(16)), alpha, beta, "mean", scale, backend=backend)
     lam0, ent = out.lam, out.head.entropy
     assert torch.isfinite(lam0).all()
-    assert torch.allclose(lam0, scale * (alpha * ent / ent.mean() + beta), rtol=1e-6)
+    assert torch.allclose(lam0, scale * (alpha * ent / ent.mean() + beta), rtol=1e-5)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
