@@ -128,7 +128,7 @@ def points_note(found: dict, datasets: list[str]) -> str:
     easier or harder than the rest, so its RA is compared with PGD's on the same points in the checks."""
     notes = []
     for d in datasets:
-        runs = [r for (dd, _, _), r in found.items() if dd == d]
+        runs = [r for (dd, _, _), r in found.items() if dd == d and "n" in r and "n_attacked" in r]
         if runs:
             counts = ", ".join(f"{LABELS[a]} {n}" for a, n in runs[0]["n_attacked"].items())
             notes.append(f"{NAMES[d]}: NA on {runs[0]['n']} test points, {counts}")
