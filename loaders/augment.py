@@ -37,6 +37,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .datasets import dataset_info
+
 __all__ = ["AugmentSpec", "NO_AUGMENT", "paper_augment", "sample_order",
            "batch_seed", "batch_generator", "draw_params", "augment_batch", "to_float01",
            "finish_batch"]
@@ -59,7 +61,6 @@ NO_AUGMENT = AugmentSpec()
 def paper_augment(dataset: str, enabled: bool = True) -> AugmentSpec:
     """The paper's training augmentation for ``dataset`` (none when ``enabled`` is False), from the
     dataset registry: CIFAR-10 pads by 4 and flips, MNIST trains on the raw images."""
-    from .datasets import dataset_info   # imported here: datasets imports nothing from this module
     if not enabled:
         return NO_AUGMENT
     info = dataset_info(dataset)
