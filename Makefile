@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python -m recipes.mnist_dtrades_smallcnn --profile demo --compare trades --step-bench
+	$(BIN)/python -m recipes.mnist_dtrades_smallcnn --profile demo --compare trades --step-bench --set overwrite=True
 
 test: setup
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

@@ -210,6 +210,12 @@ class PGD:
     def label(cfg: dict) -> str:
         return f"PGD-{cfg['pgd_steps']}"
 
+    @staticmethod
+    def settings(cfg: dict) -> dict:
+        """The evaluation options that decide this attack's outcome (two evaluations compare point by
+        point only when these agree)."""
+        return {k: cfg[k] for k in ("eps", "norm", "pgd_steps", "pgd_step_size", "pgd_random_start", "seed")}
+
 
 @dataclass(kw_only=True)
 class FGSM:
@@ -236,6 +242,10 @@ class FGSM:
     @staticmethod
     def label(cfg: dict) -> str:
         return "FGSM"
+
+    @staticmethod
+    def settings(cfg: dict) -> dict:
+        return {k: cfg[k] for k in ("eps", "norm")}
 
 
 @dataclass(kw_only=True)
@@ -292,6 +302,11 @@ class AutoAttack:
         if cfg.get("aa_version", "standard") != "standard":
             return f"AutoAttack ({cfg['aa_version']}: {', '.join(cfg.get('aa_attacks') or ())})"
         return "AutoAttack"
+
+    @staticmethod
+    def settings(cfg: dict) -> dict:
+        return {"eps": cfg["eps"], "norm": cfg["norm"], "aa_version": cfg["aa_version"],
+                "aa_attacks": list(cfg["aa_attacks"]), "seed": cfg["seed"]}
 
 
 # Ordered from the weakest to the strongest: the evaluation checks that each RA is at most the previous one's.

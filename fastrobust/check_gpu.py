@@ -34,6 +34,7 @@ import torch
 import kernels
 
 from . import report
+from .models import INPUT_NORMALIZATIONS
 
 MEMORY_GOAL_GIB = 8.0
 CUDA_ONLY = "CUDA only"   # how a figure that exists only on a GPU is marked on other devices
@@ -52,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=200, help="steps of the training part; default: 200")
     p.add_argument("--memory-models", default="resnet18,vgg16,wrn34_10", help="models of the memory part; "
                                                                               "default: resnet18,vgg16,wrn34_10")
+    p.add_argument("--input-normalization", default="dataset", choices=INPUT_NORMALIZATIONS,
+                   help="the models' first layer in the memory and training parts: dataset (its mean/std), or none "
+                        "(raw [0, 1] inputs, the official TRADES/MART convention); default: dataset")
     p.add_argument("--test-timeout", type=int, default=120, help="seconds for the kernel test suite; default: 120")
 
 
@@ -141,7 +145,8 @@ def step_part(device: torch.device, quick: bool, batch: int, repeats: int, data_
     return data, text
 
 
-def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]) -> tuple[list, str]:
+def memory_part(device: torch.device, quick: bool, batch: int, models: list[str],
+                normalization: str = "dataset") -> tuple[list, str]:
     from .config import TrainConfig
     from .methods import DTRADES
     from .models import create_model
@@ -149,8 +154,9 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
     rows = []
     for name in (["smallcnn"] if quick else models):
         dataset = "mnist" if name == "smallcnn" else "cifar10"
-        m = create_model(name, dataset=dataset).to(device, memory_format=torch.channels_last)
+        m = create_model(name, dataset=dataset, normalization=normalization).to(device, memory_format=torch.channels_last)
         cfg = TrainConfig(dataset=dataset, model=name, method=DTRADES(sensitivity="exact"), amp="bf16",
+                          input_normalization=normalization,
                           compile=False, device=str(device), attack_steps=1 if quick else 10).validate()
         step = TrainStep(cfg, m, device)
         x = torch.rand(8 if quick else batch, m.spec.in_chans, m.spec.img_size, m.spec.img_size,
@@ -170,7 +176,8 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
     return rows, text + ("" if device.type == "cuda" else f"\n\nPeak memory: {CUDA_ONLY} (not measured on {device.type}).")
 
 
-def training_part(device: torch.device, quick: bool, batch: int, steps: int, data_dir: str | None) -> tuple[dict, str]:
+def training_part(device: torch.device, quick: bool, batch: int, steps: int, data_dir: str | None,
+                  normalization: str = "dataset") -> tuple[dict, str]:
     from .config import TrainConfig
     from .methods import DTRADES
     from .models import create_model
@@ -178,7 +185,8 @@ def training_part(device: torch.device, quick: bool, batch: int, steps: int, dat
     model, dataset = ("smallcnn", "mnist") if quick else ("resnet18", "cifar10")
     steps, batch = (4, 8) if quick else (steps, batch)
     cfg = TrainConfig(dataset=dataset, model=model, method=DTRADES(sensitivity="attack"), batch_size=batch,
-                      amp="auto", compile=None, device=str(device), attack_steps=1 if quick else 10).validate()
+                      input_normalization=normalization, amp="auto", compile=None, device=str(device),
+                      attack_steps=1 if quick else 10).validate()
     try:
         import loaders
         batches = loaders.build(dataset, "train", batch, device, data_dir=data_dir, drop_last=True)
@@ -188,7 +196,7 @@ def training_part(device: torch.device, quick: bool, batch: int, steps: int, dat
         batches = [(torch.rand(batch, m.spec.in_chans, m.spec.img_size, m.spec.img_size, device=device),
                     torch.randint(0, 10, (batch,), device=device))]
         source = "random images (no dataset found)"
-    net = create_model(model, dataset=dataset).to(device, memory_format=torch.channels_last)
+    net = create_model(model, dataset=dataset, normalization=normalization).to(device, memory_format=torch.channels_last)
     step, done, losses, times = TrainStep(cfg, net, device), 0, [], []
     while done < steps:
         for x, y in batches:
@@ -215,8 +223,8 @@ def run(ns: argparse.Namespace) -> int:
         ("self-check", lambda: self_check(device, ns.quick, ns.test_timeout)),
         ("kernels", lambda: kernel_part(device, ns.quick)),
         ("step", lambda: step_part(device, ns.quick, ns.batch, ns.step_repeats, ns.data_dir)),
-        ("memory", lambda: memory_part(device, ns.quick, ns.batch, ns.memory_models.split(","))),
-        ("training", lambda: training_part(device, ns.quick, ns.batch, ns.train_steps, ns.data_dir))]
+        ("memory", lambda: memory_part(device, ns.quick, ns.batch, ns.memory_models.split(","), ns.input_normalization)),
+        ("training", lambda: training_part(device, ns.quick, ns.batch, ns.train_steps, ns.data_dir, ns.input_normalization))]
     for name, part in parts:
         started = time.time()
         try:

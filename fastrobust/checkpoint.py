@@ -9,6 +9,7 @@ CheckpointError; nothing in a file is ever executed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -28,7 +29,9 @@ from .models import ModelSpec, RobustModel, model_from_spec
 FORMAT_NAME = "fastrobust-checkpoint"
 FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
-STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+# The trainer names rolling checkpoints step-{global_step:08d}.pt; only a name of exactly that form
+# (the canonical spelling of its number) is ever read as one, and pruned only once it has loaded.
+STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
 # torch's pre-1.6 (non-zip) files start with a pickle of this magic number (LONG1, 10 bytes), after the
 # pickle protocol header (and, from protocol 4, a frame header)
@@ -124,9 +127,10 @@ def _unpickling_detail(text: str) -> str:
     return lines[0] if lines else "the unpickler stopped"
 
 
-def read(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def read(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """The object stored in ``path``, loaded with ``weights_only=True`` (nothing in the file is executed);
-    every failure is a CheckpointError that says what the file is and what to do."""
+    every failure is a CheckpointError that says what the file is and what to do. ``mmap``: map the tensors
+    of a zip-format file instead of reading them (copy-on-write), for reading a checkpoint's metadata."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist. {FIX}.")
@@ -150,7 +154,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
         # torch warns on stderr about some legacy files; the outcome (loaded or a CheckpointError) says it all
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not legacy)
     except pickle.UnpicklingError as e:
         text = str(e)
         blocked = re.search(r"GLOBAL (\S+?)(?:\s|\.?$)", text)
@@ -183,9 +187,9 @@ def state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A fastrobust checkpoint (format, spec, weights); anything else is a CheckpointError that says what it is."""
-    return check_format(read(path, map_location), path)
+    return check_format(read(path, map_location, mmap=mmap), path)
 
 
 def check_format(obj: Any, path: str | Path) -> dict:
@@ -380,12 +384,79 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def step_of(name: str) -> int | None:
+    """The step a rolling checkpoint's file name stands for; None for any name the trainer does not
+    write (step-1.pt, step-000000001.pt, step-00000001.pt.bak)."""
+    m = STEP_FILE.match(name)
+    return int(m.group(1)) if m and name == step_name(int(m.group(1))) else None
+
+
 def step_checkpoints(folder: str | Path) -> list[Path]:
+    """The files in ``folder`` named as rolling checkpoints, oldest first (not yet read)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    found = [(n, p) for p in folder.iterdir() if (n := step_of(p.name)) is not None and p.is_file()]
     return [p for _, p in sorted(found)]
+
+
+# what a checkpoint must hold to continue training from it (a weights-only file is not one)
+TRAINING_STATE = ("optimizer", "scaler", "rng", "epoch", "batch", "global_step", "history", "config")
+
+
+def resume_problem(ckpt: dict, step: int) -> str | None:
+    """Why a loaded rolling checkpoint cannot be resumed from (None: it can)."""
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        return (f"it holds weights but no training state ({', '.join(missing)} missing); to start from these "
+                f"weights use --init-checkpoint")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["global_step"], int):
+        return "its config or step entry is damaged"
+    if ckpt["global_step"] != step:
+        return f"it holds step {ckpt['global_step']}, not the step {step} its name says"
+    return None
+
+
+@dataclasses.dataclass
+class StepScan:
+    """The rolling checkpoints of a folder after a metadata read of each."""
+    valid: list[tuple[int, Path]]         # resumable, oldest first: the only ones pruning may delete
+    rejected: list[tuple[Path, str]]      # named like one but unusable, and why (never deleted)
+    newest: dict | None = None            # the newest valid one's content, its tensors memory-mapped
+
+
+def scan_step_checkpoints(folder: str | Path, expected_spec: dict | ModelSpec | None = None) -> StepScan:
+    """Read every rolling checkpoint in ``folder`` (memory-mapped: the metadata, not the tensors). A file
+    that does not load, holds no training state, or whose step is not the one in its name is rejected
+    with the reason. The newest loadable one must be for ``expected_spec`` (a CheckpointError names the
+    difference); an older one that is not is rejected."""
+    scan = StepScan([], [])
+    for path in reversed(step_checkpoints(folder)):
+        try:
+            ckpt = load_checkpoint(path, mmap=True)
+        except CheckpointError as e:
+            scan.rejected.append((path, str(e)))
+            continue
+        if expected_spec is not None:
+            try:
+                check_spec(ckpt["spec"], expected_spec, path)
+            except CheckpointError as e:
+                if scan.newest is None:   # the checkpoint a resume would continue from
+                    raise
+                scan.rejected.append((path, str(e)))
+                continue
+        problem = resume_problem(ckpt, step_of(path.name))
+        if problem:
+            scan.rejected.append((path, f"checkpoint {path} cannot be resumed from: {problem}."))
+            continue
+        if scan.newest is None:
+            scan.newest = ckpt
+        scan.valid.insert(0, (step_of(path.name), path))
+    return scan
 
 
 def newest_valid(folder: str | Path) -> tuple[Path, dict] | None:
@@ -424,6 +495,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def prune(folder: str | Path, keep: int) -> None:
-    for path in step_checkpoints(folder)[:-keep]:
-        path.unlink(missing_ok=True)
+def prune(checkpoints: dict[int, Path], keep: int) -> None:
+    """Delete all but the newest ``keep`` of ``checkpoints`` (step -> path, removed from it as they go):
+    the rolling checkpoints a run wrote or validated. A file only named like one (damaged, foreign) is
+    not among them, so it never takes a kept place and is never deleted."""
+    for step in sorted(checkpoints)[:-keep]:
+        checkpoints.pop(step).unlink(missing_ok=True)

@@ -1,11 +1,13 @@
-"""Command line: ``fastrobust {train,eval,data,bench,check-gpu}``.
+"""Command line: ``fastrobust {train,eval,data,bench,check-gpu,compare}``.
 
 Every flag of ``train`` comes from a config field (``--weight-decay``), a method option (``--dtrades-alpha``,
 named ``--<method>-<option>``) or an evaluation field (``--eval-aa-samples``); its help line, default and
 valid names come from the field's metadata. Tuples are comma-separated, optional values accept
 ``none``, numbers accept fractions (``--eps 8/255``). ``train --dry-run`` validates and prints the
-configuration as JSON. Bad input ends with one clear line and exit status 2, never a traceback; a run
-stopped by SIGTERM exits with 143 after writing a checkpoint (``--resume`` continues it).
+configuration as JSON. Bad input ends with one clear line and exit status 2, never a traceback; output
+folders are created or checked before any work, and a radius above the data's range is refused; a run
+stopped by SIGTERM exits with 143 after writing a checkpoint (``--resume`` continues it); output into a
+pipe that closes early (``| head``) ends quietly with status 141, as SIGPIPE ends other programs.
 
 Under ``torchrun`` (``torchrun --nproc_per_node N -m fastrobust train ...``) ``train`` and ``eval`` run
 distributed without any other change: see README "Scaling out".
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parsers(sub.add_parser("bench", help="benchmarks: step, kernels, loaders"))
     from .check_gpu import add_parser as add_check_gpu
     add_check_gpu(sub)
+    add_compare_parser(sub)
     return parser
 
 
@@ -179,12 +183,15 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from . import distributed as dist
     from .evaluate import evaluate
     from .models import create_model
-    from .report import manifest, results_markdown, save_results, sha256
+    from .report import check_output_folder, manifest, results_markdown, save_results, sha256
     from .train import setup_device
 
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**{k: v for k, v in vars(ns).items() if k in fields and k != "dataset"}).validate()
+    out = check_output_folder(ns.out, "--out") if ns.out else None   # before anything is read or evaluated
     obj = ck.read(ns.checkpoint)   # bad files fail here, before any data is loaded
+    if out is None:   # the default is beside the checkpoint: checked once the checkpoint is known to exist
+        out = check_output_folder(default_eval_dir(ns.checkpoint), "the evaluation folder (--out's default)")
     is_ours = isinstance(obj, dict) and str(obj.get("format", "")).startswith(ck.FORMAT_NAME)
     if not is_ours and ck.state_dict_in(obj) is not None:
         if not ns.model:
@@ -217,7 +224,6 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     # under torchrun every rank attacks its share of the batches; the result is the single-process one
     result = evaluate(model.to(device), data.images, data.labels, cfg, device, progress=not ns.no_progress)
     name = f"{spec_name} ({Path(ns.checkpoint).name})"
-    out = Path(ns.out) if ns.out else default_eval_dir(ns.checkpoint)
     if dist.is_main():
         save_results({name: result}, out, manifest(dataclasses.asdict(cfg), device=device, seed=cfg.seed,
                                                    checkpoint=str(ns.checkpoint), checkpoint_sha256=sha256(ns.checkpoint),
@@ -236,8 +242,66 @@ def default_eval_dir(checkpoint: str | Path) -> Path:
     return (folder.parent if folder.name == "checkpoints" else folder) / "eval"
 
 
+COMPARE_USAGE = """\
+Two evaluations of the same test points:
+  fastrobust compare A B
+    A, B: run or evaluation folders (each holding one points.npz) or points.npz files. For NA and each
+    attack both hold: n, both accuracies, A - B in points, its paired bootstrap interval, and the exact
+    McNemar p. Different points, radius, threat model or attack settings stop it, naming each difference.
+Two groups of runs, one run folder per training seed (the seed is read from the run's manifest.json):
+  fastrobust compare --a A_SEED0 A_SEED1 A_SEED2 --b B_SEED0 B_SEED1 B_SEED2
+    For NA and each attack: the mean difference over seeds with its t-interval and p (paired by seed when
+    both groups hold the same seeds, else Welch's), and each seed's accuracies beside its paired test.
+    With one run per group there is no interval over seeds: only the per-point test is given.
+Markdown goes to stdout; --out DIR also writes compare.md, compare.csv and compare.json."""
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="is a difference real? paired tests of two evaluations, or of two groups of "
+                                       "training seeds", description=COMPARE_USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("evaluations", nargs="*", metavar="EVAL",
+                   help="the two evaluations A and B: run or evaluation folders, or points.npz files")
+    p.add_argument("--a", dest="group_a", nargs="+", metavar="RUN", default=None,
+                   help="group A: run folders, one per training seed")
+    p.add_argument("--b", dest="group_b", nargs="+", metavar="RUN", default=None,
+                   help="group B: run folders, one per training seed")
+    p.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"), default=None,
+                   help="what A and B are, for the tables (e.g. D-TRADES TRADES); default: A B")
+    p.add_argument("--reps", type=_number(int, "reps"), default=10_000,
+                   help="bootstrap replicates of each paired interval; default: 10000")
+    p.add_argument("--seed", type=_number(int, "seed"), default=0, help="seed of the bootstrap resampling; default: 0")
+    p.add_argument("--level", type=_number(float, "level"), default=0.95,
+                   help="confidence level of every interval, in (0, 1); default: 0.95")
+    p.add_argument("--out", default=None, metavar="DIR", help="also write compare.{md,csv,json} into this folder")
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare_groups, compare_pair, write_comparison
+    test = {"reps": ns.reps, "seed": ns.seed, "level": ns.level}
+    if ns.group_a or ns.group_b:
+        if ns.evaluations or not (ns.group_a and ns.group_b):
+            raise ConfigError("a group comparison takes --a RUN [RUN ...] and --b RUN [RUN ...] and no other paths; "
+                              "two evaluations are compared with: fastrobust compare A B")
+        result = compare_groups(ns.group_a, ns.group_b, ns.names, **test)
+    elif len(ns.evaluations) == 2:
+        result = compare_pair(*ns.evaluations, ns.names, **test)
+    else:
+        raise ConfigError(f"compare takes two evaluations (fastrobust compare A B) or two groups of run folders "
+                          f"(fastrobust compare --a RUN ... --b RUN ...); got {len(ns.evaluations)} path(s).")
+    if ns.out:
+        write_comparison(result, ns.out)
+    print(result.markdown())
+    if ns.out:
+        print(f"written to {ns.out}/compare.{{md,csv,json}}")
+    return 0
+
+
 def _cmd_data(ns: argparse.Namespace) -> int:
     from loaders import write_beton
+
+    from .report import check_output_folder
+    check_output_folder(ns.out, "--out")
     print(write_beton(ns.dataset, ns.split, ns.out, data_dir=ns.data_dir, limit=ns.limit))
     return 0
 
@@ -267,12 +331,51 @@ def run_reporting_errors(run: Callable[[], int], prog: str = "fastrobust") -> in
         dist.shutdown()
 
 
+BROKEN_PIPE_EXIT = 141   # 128 + SIGPIPE: what a shell reports for a program whose reader went away
+
+
+def _stdout_is_broken() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no poll, or no real stdout: trust the error
+        return True
+
+
+def exit_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
+    """Run a command (argument parsing included) whose stdout may be a pipe that closes early, as in
+    ``fastrobust ... | head``: the rest of the output is dropped, with no traceback, and the status is 141,
+    as for a program that SIGPIPE ends: the command did not write all it was asked for (a training run
+    stops there), and ``set -o pipefail`` sees it. A BrokenPipeError from anything but stdout is raised."""
+    try:
+        try:
+            return run()
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()   # buffered output: a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        if not _stdout_is_broken():
+            raise
+        # Python flushes stdout once more at exit: it goes to /dev/null, so that cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    return exit_quietly_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     ns = build_parser().parse_args(argv)
     from .bench import run_bench
     from .check_gpu import run as run_check_gpu
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": run_bench,
-                "check-gpu": run_check_gpu}
+                "check-gpu": run_check_gpu, "compare": _cmd_compare}
     return run_reporting_errors(lambda: handlers[ns.command](ns))
 
 

@@ -19,9 +19,9 @@ import kernels
 import loaders
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, RANDOM_STARTS
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError, check_radius, radius_bound, unknown_name
 from .methods import TRADES, Method, method_from_dict
-from .models import list_models
+from .models import INPUT_NORMALIZATIONS, list_models
 from .options import check_fields, option
 
 LR_SCHEDULES = ("piecewise", "cosine", "constant")
@@ -64,12 +64,17 @@ class EvalConfig:
                 raise ConfigError("the evaluation radius is unknown: pass --eps (e.g. 0.3 for MNIST, 8/255 for "
                                   "CIFAR-10); a fastrobust checkpoint records its training radius.")
             out.eps = float(train_eps)
+        # the radius against the images' range, now that the dataset (the image size, for L2) is settled
+        check_radius(out.eps, out.norm, out.dataset, "eval eps" if self.eps is not None else
+                     "eval eps (the training radius, the evaluation's default)")
         if out.pgd_step_size is None:
             out.pgd_step_size = 2.5 * out.eps / out.pgd_steps if out.eps > 0 else 1e-3
         return out
 
     def validate(self) -> "EvalConfig":
         check_fields(self, "eval ")
+        if self.eps is not None:   # L-inf against the input range here; L2 once the dataset is known (resolved)
+            check_radius(self.eps, self.norm, None, "eval eps")
         if not self.attacks:
             raise ConfigError(f"eval attacks must name at least one of {', '.join(ATTACKS)}.")
         if self.aa_version == "custom" and not self.aa_attacks:
@@ -116,6 +121,10 @@ class TrainConfig:
     amp: str = option("auto", "autocast: auto (bf16 on a GPU, off on the CPU), bf16, fp16 or off",
                       choices=AMP_MODES, kind="amp mode")
     channels_last: bool = option(True, "model and batches in NHWC (faster convolutions on GPU and CPU)")
+    input_normalization: str = option("dataset", "the model's first layer: none (raw [0, 1] inputs, as the official "
+                                      "TRADES, MART and FAAL code and the D-TRADES report's code train), dataset (the "
+                                      "training dataset's mean/std) or a named dataset's mean/std",
+                                      choices=INPUT_NORMALIZATIONS, kind="input normalisation")
     dropout: float | None = option(None, "override the model's dropout rate (SmallCNN: 0.5); 0 turns it off",
                                    low=0, high=1, high_open=True)
     sync_bn: bool = option(False, "under DDP: SyncBatchNorm, statistics over the global batch (CUDA only)")
@@ -130,7 +139,10 @@ class TrainConfig:
                        high_open=True)
     out_dir: str = option("runs/default", "run folder")
     ckpt_every_steps: int = option(0, "also checkpoint every n steps (0: at epoch ends only)", low=0)
-    resume: bool = option(False, "continue from the newest checkpoint in out_dir")
+    resume: bool = option(False, "continue the run in out_dir from its newest checkpoint (only with the settings it "
+                          "was trained with; see README, Run folders)")
+    overwrite: bool = option(False, "train a new run in an out_dir that holds one: the old run's files are deleted "
+                             "first")
     max_bad_steps: int = option(5, "consecutive non-finite steps before training stops", low=1)
     log_every: int = option(10, "log step statistics every n steps", low=1)
     progress: bool = option(True, "progress bars")
@@ -153,8 +165,17 @@ class TrainConfig:
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{name} must not be an empty string; pass a path.")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+        check_radius(self.eps, self.norm, self.dataset, "eps")
         self.eval = dataclasses.replace(self.eval, dataset=self.dataset)
-        self.eval.resolved(self.eps)
+        try:
+            self.eval.resolved(self.eps)
+        except ConfigError as e:
+            if self.eval.eps is None and self.eval.norm != self.norm:   # the default radius, in another norm
+                bound = radius_bound(self.eval.norm, self.dataset)
+                raise ConfigError(f"the evaluation takes the training radius {self.eps:g} ({self.norm}) by default, "
+                                  f"but in its own norm, {self.eval.norm}, where radii above {bound:.4g} are out of "
+                                  f"range on {self.dataset}: pass --eval-norm {self.norm}, or an --eval-eps.") from e
+            raise
         return self
 
     def to_dict(self) -> dict[str, Any]:

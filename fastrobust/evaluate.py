@@ -11,7 +11,8 @@ Definitions (all fractions of the evaluated test points):
 Every evaluation runs and records these checks, each "passed" or "FAILED" with its numbers:
   ordering   AutoAttack RA <= PGD RA <= FGSM RA <= NA, within two binomial standard errors;
   eps = 0    PGD RA at eps 0 equals NA exactly;
-  monotone   PGD RA does not rise as eps grows (within the error bar);
+  monotone   PGD RA does not rise as eps grows (within the error bar), over the sweep and the
+             evaluation's own PGD RA at its radius;
   large eps  PGD RA at a radius covering the whole [0,1] box is about 0 (<= 5%);
   gradients  input gradients are finite and mostly non-zero;
   PGD vs AA  PGD RA exceeds AutoAttack RA on the same points by at most 5 points (or two standard
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from .attacks import ATTACKS, PGD, eval_mode, weak_attack_warning
 from .config import EvalConfig
+from .points import Points, from_evaluation
 
 LARGE_EPS_MAX_RA = 0.05
 PGD_AA_MAX_GAP = 0.05
@@ -72,6 +74,7 @@ class EvalResult:
     sweep: list[dict[str, float]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    points: Points | None = field(default=None, repr=False)   # per-point outcomes (points.npz), not in the JSON
 
     @property
     def rd(self) -> dict[str, float]:
@@ -93,7 +96,8 @@ class EvalResult:
         return attack_label(attack, self.config)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, points=None))
+        d.pop("points")
         d.update(rd=self.rd, asr=self.asr, all_checks_passed=self.all_passed)
         return d
 
@@ -102,6 +106,12 @@ def attack_label(name: str, config: dict) -> str:
     """How results name an attack: its ``label(config)`` (e.g. PGD-20), else its ``name``."""
     cls = ATTACKS[name]
     return cls.label(config) if hasattr(cls, "label") else cls.name
+
+
+def attack_settings(name: str, config: dict) -> dict:
+    """The options that decide an attack's outcome: its ``settings(config)``, else the radius and norm."""
+    cls = ATTACKS[name]
+    return cls.settings(config) if hasattr(cls, "settings") else {"eps": config["eps"], "norm": config["norm"]}
 
 
 def _per_batch(name: str) -> bool:
@@ -254,6 +264,11 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     result = EvalResult(config=dataclasses.asdict(cfg), n=n, na=float(clean.float().mean()), ra=ra,
                         n_attacked=n_att, na_on_attacked=na_att, conditional_asr=cond, per_class=per_class,
                         warnings=notes)
+    cfg_dict = dataclasses.asdict(cfg)
+    result.points = from_evaluation(clean, correct, y_all, {
+        "dataset": cfg.dataset, "split": "test", "eps": cfg.eps, "norm": cfg.norm,
+        "attacks": {a: {"label": attack_label(a, cfg_dict), "n": len(f), "settings": attack_settings(a, cfg_dict)}
+                    for a, f in correct.items()}})
     result.checks += ordering_checks(result, clean, correct)
     if "autoattack" in correct and "pgd" in correct:
         result.checks.append(attack_gap_check(result, correct))
@@ -261,7 +276,8 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     if cfg.sweep_samples and cfg.eps > 0:
         m = min(cfg.sweep_samples, n)
         result.sweep = eps_sweep(model, x_all[:m], y_all[:m], cfg, device, progress, rank=rank, world=world)
-        result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m)
+        result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m,
+                                      headline=headline_point(result, correct, m))
     result.checks.append(input_gradient_check(model, x_all[:cfg.batch_size].to(device, memory_format=fmt),
                                               y_all[:cfg.batch_size].to(device)))
     return result
@@ -339,15 +355,41 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
     return [{"eps": eps, "ra": int(h) / len(y), "n": len(y)} for eps, h in zip(radii, hits)]
 
 
-def sweep_checks(sweep: list[dict[str, float]], na: float, m: int) -> list[Check]:
+def headline_point(result: EvalResult, correct: dict[str, torch.Tensor], m: int) -> dict[str, Any] | None:
+    """The evaluation's own PGD RA at its radius, on the sweep's points (the first ``m``), for the
+    monotone check: a headline number above the sweep's RA at a smaller or the same radius (the whole
+    box included) is as much a sign of a broken attack as a rise within the sweep."""
+    if "pgd" not in correct:
+        return None
+    return {"eps": result.config["eps"], "ra": float(correct["pgd"][:m].float().mean()), "n": m,
+            "label": result.label("pgd")}
+
+
+def sweep_checks(sweep: list[dict[str, float]], na: float, m: int,
+                 headline: dict[str, Any] | None = None) -> list[Check]:
+    """eps = 0, monotone in eps (the sweep and, given, the ``headline`` point: :func:`headline_point`)
+    and large eps. Monotone: no point's RA exceeds that of a point at the next smaller radius, or of the
+    other point at its own radius (the headline beside the sweep's run at that radius), by more than two
+    standard errors."""
     zero = [p for p in sweep if p["eps"] == 0]
     checks = []
     if zero:
         checks.append(Check("eps = 0", abs(zero[0]["ra"] - na) < 0.5 / m,
                             f"PGD RA {100 * zero[0]['ra']:.2f}% vs NA {100 * na:.2f}% on {m} points (must be equal)"))
-    rises = [(a, b) for a, b in zip(sweep, sweep[1:]) if b["ra"] > a["ra"] + 2 * _stderr(a["ra"], m)]
-    curve = ", ".join(f"{p['eps']:.4g}: {100 * p['ra']:.1f}%" for p in sweep)
-    checks.append(Check("monotone in eps", not rises, f"RA by eps: {curve}"))
+    points = sorted(sweep + ([headline] if headline else []), key=lambda p: p["eps"])   # stable: headline after a tie
+    radii = sorted({p["eps"] for p in points})
+    pairs = [(a, b) for lo, hi in zip(radii, radii[1:]) for a in points if a["eps"] == lo for b in points
+             if b["eps"] == hi]
+    pairs += [(a, b) for a in points for b in points if a is not b and a["eps"] == b["eps"]]
+    rises = [(a, b) for a, b in pairs if b["ra"] > a["ra"] + 2 * _stderr(a["ra"], m)]
+    curve = ", ".join(f"{p['eps']:.4g}{' (' + p['label'] + ', the evaluation)' if p is headline else ''}: "
+                      f"{100 * p['ra']:.1f}%" for p in points)
+    detail = f"RA by eps: {curve}"
+    if rises:
+        detail += "; RA rises beyond two standard errors from " + ", ".join(
+            f"{100 * a['ra']:.1f}% at eps {a['eps']:.4g} to {100 * b['ra']:.1f}% at eps {b['eps']:.4g}"
+            for a, b in rises)
+    checks.append(Check("monotone in eps", not rises, detail))
     last = sweep[-1]
     checks.append(Check("large eps", last["ra"] <= LARGE_EPS_MAX_RA,
                         f"PGD RA {100 * last['ra']:.2f}% at eps {last['eps']:.4g} (the whole box; "

@@ -25,6 +25,9 @@ from .errors import ConfigError, unknown_name
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "none": None, **{name: (info.mean, info.std) for name, info in loaders.DATASETS.items()}}
 
+# What a training run may ask for: "dataset" (the training dataset's own statistics) or a name above.
+INPUT_NORMALIZATIONS = ("dataset", *NORMALIZATIONS)
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -104,6 +107,8 @@ def create_model(name: str, *, num_classes: int | None = None, in_chans: int | N
     dataset's normalisation); without it the defaults are 10 classes, 3x32x32, no scaling."""
     if name not in _REGISTRY:
         raise unknown_name("model", name, _REGISTRY)
+    if normalization == "dataset":
+        normalization = None   # the dataset's own, below
     if dataset is not None:
         info = loaders.dataset_info(dataset)
         num_classes = info.num_classes if num_classes is None else num_classes

@@ -33,6 +33,37 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def check_output_folder(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` (with its parents) and check that it takes files, before any work whose results go
+    there: a folder that cannot be used is a ConfigError naming ``what`` (the flag) and why, at once,
+    instead of a traceback after the work. Every command's output folders are checked here."""
+    from .errors import ConfigError
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is an existing file, not a folder: choose a folder, or move the file away.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{time.time_ns()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else (e.strerror or str(e))
+        raise ConfigError(f"{what} {folder} cannot be created or written to ({why}): choose another path.") from e
+    return folder
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """A file to be written: not an existing folder, and its folder usable (:func:`check_output_folder`)."""
+    from .errors import ConfigError
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is an existing folder; pass the path of a file to write, e.g. "
+                          f"{path / 'tables.md'}.")
+    check_output_folder(path.parent, f"the folder of {what} {path}:")
+    return path
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
@@ -243,7 +274,8 @@ def results_markdown(results: dict[str, "EvalResult"]) -> str:
 
 
 def save_results(results: dict[str, "EvalResult"], out_dir: str | Path, manifest: dict | None = None) -> dict[str, Path]:
-    """``results.{md,csv,json}``, ``eps_sweep.png``, ``na_ra.png`` and (given) ``eval_manifest.json``."""
+    """``results.{md,csv,json}``, ``points.npz`` (:mod:`fastrobust.points`), ``eps_sweep.png``, ``na_ra.png``
+    and (given) ``eval_manifest.json``."""
     out = Path(out_dir)
     tables = table_rows(results)
     paths = {"md": atomic_write_text(out / "results.md", results_markdown(results)),
@@ -255,6 +287,11 @@ def save_results(results: dict[str, "EvalResult"], out_dir: str | Path, manifest
         paths["sweep_png"] = plot_lines(out / "eps_sweep.png", sweeps, xlabel="eps", ylabel="PGD robust accuracy (%)",
                                         title="Robust accuracy against radius")
     paths["na_ra_png"] = plot_na_ra(out / "na_ra.png", results)
+    from . import points as points_io
+    for name, r in results.items():   # one per-point file per evaluation: points.npz, or points_<name>.npz
+        if r.points is not None:
+            paths[f"points:{name}"] = points_io.save(
+                r.points, out / (points_io.FILE if len(results) == 1 else f"points_{name}.npz"))
     if manifest is not None:
         paths["manifest"] = write_json(out / "eval_manifest.json", manifest)
     return paths

@@ -2,7 +2,9 @@
 
 Shared by the trainer and the step profiler, so what is profiled is what trains. AMP autocasts the
 forwards (bf16 by default on a GPU; fp16 uses a grad scaler); losses accumulate in fp32. A non-finite
-loss or an fp16 overflow skips the update and is reported in ``StepResult.failure``.
+loss or an fp16 overflow skips the update and is reported in ``StepResult.failure``; an overflow while
+the grad scaler is still calibrating its scale is marked ``calibrating`` (see MAX_CALIBRATION_SKIPS),
+every other one is a bad step for the trainer to count, as a non-finite loss is.
 
 Safe defaults on a GPU nobody has checked: with ``compile=None`` (auto) a model that torch.compile
 cannot compile trains eagerly after one warning (the failed step is retried eagerly from the same
@@ -41,9 +43,18 @@ from .config import TrainConfig
 from .errors import ConfigError, FastRobustError, NumericalError
 from .methods import AdvBatch, MethodOutput
 
-# An fp16 overflow while the grad scaler's scale is above this is the scaler calibrating (it halves
-# the scale and retries): skipped, not counted. At or below it even unscaled gradients overflow fp16.
-MIN_HEALTHY_LOSS_SCALE = 1.0
+# fp16 overflows. The grad scaler multiplies the loss by its scale before the backward, halves the scale
+# and skips the step when a gradient overflows, and doubles it after GRAD_SCALER_GROWTH_INTERVAL steps
+# without one. Its calibration is the search for a scale that works: an overflow counts as calibration
+# (skipped, not a bad step) only while the scale is above MIN_HEALTHY_LOSS_SCALE, above the scale of the
+# last step that was applied (none yet, or grown since: at that scale the gradients fitted), and for at
+# most MAX_CALIBRATION_SKIPS overflows in a row: from GRAD_SCALER_INIT_SCALE = 2^16, 16 halvings reach 1,
+# so no calibration needs more. Any other overflow means the gradients outgrew fp16 (a storm, e.g. at a
+# learning rate that blows the weights up) and is a bad step, counted towards max_bad_steps like a NaN.
+MIN_HEALTHY_LOSS_SCALE = 1.0   # at or below it even unscaled (or shrunk) gradients overflow fp16
+GRAD_SCALER_INIT_SCALE = 2.0 ** 16   # torch's default, passed explicitly so the bound below follows it
+GRAD_SCALER_GROWTH_INTERVAL = 2000   # torch's default
+MAX_CALIBRATION_SKIPS = round(math.log2(GRAD_SCALER_INIT_SCALE / MIN_HEALTHY_LOSS_SCALE))   # 16
 AMP_PROBATION_STEPS = 3   # bf16 losses checked against fp32 when non-finite during the first steps
 AUTO_COMPILE_DEVICES = ("cuda",)   # where compile=None (auto) compiles
 
@@ -94,7 +105,7 @@ class StepResult:
     attack_s: float
     update_s: float
     failure: str | None = None
-    calibrating: bool = False   # an fp16 overflow while the grad scaler is still finding its scale
+    calibrating: bool = False   # an fp16 overflow while the grad scaler is still finding its scale (see above)
 
 
 class TrainStep:
@@ -116,7 +127,11 @@ class TrainStep:
                 raise ConfigError("sync_bn: the model's root module is a batch norm; wrap it in a container first.")
         self.amp = amp_dtype(cfg, device)
         self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE,
+                                           growth_interval=GRAD_SCALER_GROWTH_INTERVAL,
+                                           enabled=self.amp is torch.float16)
+        self.applied_scale: float | None = None   # the loss scale of the last applied fp16 step
+        self.overflows_in_a_row = 0
         self.method = cfg.method
         self.backend = "reference" if official_style else cfg.kernels
         want_compile = compile_wanted(cfg, device)
@@ -216,10 +231,20 @@ class TrainStep:
         t2 = time.perf_counter()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
             # DDP has averaged the gradients, so every rank sees the same overflow
-            return StepResult(value, out, t1 - t0, t2 - t1,
-                              f"fp16 gradients overflowed at loss scale {scale_before:g} (the grad scaler skipped the "
-                              f"step and lowered the scale to {self.scaler.get_scale():g})",
-                              calibrating=scale_before > MIN_HEALTHY_LOSS_SCALE)
+            self.overflows_in_a_row += 1
+            why = f"fp16 gradients overflowed at loss scale {scale_before:g} (the grad scaler skipped the step and " \
+                  f"lowered the scale to {self.scaler.get_scale():g})"
+            if scale_before <= MIN_HEALTHY_LOSS_SCALE:
+                why += "; the gradients overflow fp16 without any scaling"
+            elif self.applied_scale is not None and scale_before <= self.applied_scale:
+                why += f"; a step was applied at loss scale {self.applied_scale:g}, so the gradients have grown"
+            elif self.overflows_in_a_row > MAX_CALIBRATION_SKIPS:
+                why += f"; {self.overflows_in_a_row} overflows in a row, more than calibration takes"
+            else:
+                return StepResult(value, out, t1 - t0, t2 - t1, why, calibrating=True)
+            return StepResult(value, out, t1 - t0, t2 - t1, why)
+        if scale_before is not None:
+            self.applied_scale, self.overflows_in_a_row = scale_before, 0
         return StepResult(value, out, t1 - t0, t2 - t1)
 
     def _check_bf16(self, x, y, adv, value: float, step: int, bad_here: bool) -> None:

@@ -9,6 +9,8 @@ Run folder layout (``cfg.out_dir``)::
     checkpoints/step-*.pt  rolling resumable checkpoints (newest two kept), best.pt, final.pt
     results.{md,csv,json}  the final evaluation on the test set, eps_sweep.png, na_ra.png
     throughput.{md,json}   img/s, ms per step, attack/update split, peak memory, device
+    .lock                  flock-ed by the process training into the folder (fastrobust.run_folder: what
+                           --resume checks, --overwrite, the lock, the history cut on resume)
 
 Model selection never sees the test set: the last ``val_samples`` training images are held out (and
 never trained on), and ``best.pt`` is the epoch with the best ``select_by`` on them. Resuming restores
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import resource
 import signal
@@ -48,12 +51,13 @@ import loaders
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from . import report
+from . import run_folder
 from .attacks import weak_attack_warning
 from .config import TrainConfig, lr_factor
 from .errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
 from .evaluate import evaluate
 from .models import create_model
-from .step import TrainStep, compile_wanted, resolve_device
+from .step import TrainStep, amp_dtype, compile_wanted, resolve_device
 
 
 def setup_device(name: str) -> torch.device:
@@ -98,9 +102,31 @@ def throughput(times: list[tuple[float, float, int]], device: torch.device, warm
             "peak_memory_mb": peak_memory_mb(device)}
 
 
+# A run stopped by bad steps names its last good state: the newest of its checkpoints whose weights are
+# finite and whose norm (over every floating tensor of the model's state: weights and batch-norm
+# statistics) is at most this factor times the norm this process started training from. Non-finite
+# steps are never applied, so every checkpoint's weights come from finite-loss updates; what a storm
+# leaves behind is weights blown up by finite but huge updates (--lr 1e4: the norm grows 1e8-fold in a
+# few steps), while training at a sound learning rate moves the norm by percents (SmallCNN, 4 steps at
+# lr 0.01: 0.01%). A factor of 10 lies far from both.
+WEIGHT_NORM_GROWTH_LIMIT = 10.0
+
+
+def weight_norm(state: dict[str, Any]) -> float:
+    """The L2 norm of all floating tensors of a model state dict (inf or nan when one is not finite)."""
+    norms = [torch.linalg.vector_norm(v.detach().float()) for v in state.values()
+             if torch.is_tensor(v) and v.is_floating_point()]
+    return float(torch.linalg.vector_norm(torch.stack(norms).double().cpu())) if norms else 0.0
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    start_weight_norm: float | None = None          # the weights' norm at this process's first step
+    last_finite_loss: tuple[int, float] | None = None   # (step, loss) of the last applied step
+    last_failure: str | None = None                      # why the last bad step was bad
+
+    def __init__(self, cfg: TrainConfig, manifest_extra: dict[str, Any] | None = None):
         self.cfg = cfg.validate()
+        self.manifest_extra = dict(manifest_extra or {})   # e.g. a recipe's protocol notes, copied into manifest.json
         self.device = setup_device(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
@@ -110,7 +136,16 @@ class Trainer:
                               f"of processes ({self.world}); use {hi}" + (f" or {lo}" if lo else "") +
                               " (the learning rate is meant for the global batch).")
         self.out, self.ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
-        dist.on_main(_check_writable, self.out)
+        # What the device makes of the settings, beyond rounding: recorded, and compared on resume like the fields.
+        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(cfg, self.device)]
+        self.resolved = {"amp": amp, "drop_last": compile_wanted(cfg, self.device)}
+        info = loaders.dataset_info(cfg.dataset)
+        self.expected_spec = {"name": cfg.model, "num_classes": info.num_classes, "in_chans": info.channels,
+                              "img_size": info.size}
+        # Refuse a folder this start may not use (another run, a resume of another config, a folder in use)
+        # before anything is written or loaded; fit() checks again once it holds the folder's lock.
+        dist.on_main(run_folder.inspect, cfg, self.resolved, self.expected_spec)
+        dist.on_main(report.check_output_folder, self.out, "run folder (--out-dir)")
         seed_everything(cfg.seed)
         self.warnings: list[str] = []
         note = weak_attack_warning(cfg.eps, cfg.attack_step_size, cfg.attack_steps,
@@ -140,7 +175,7 @@ class Trainer:
         self.split = {"train": [0, self.train_n], "validation": [full - cfg.val_samples, full],
                       "test": "the whole test split, final evaluation only"}
 
-        self.model = create_model(cfg.model, dataset=cfg.dataset).to(self.device)
+        self.model = create_model(cfg.model, dataset=cfg.dataset, normalization=cfg.input_normalization).to(self.device)
         if cfg.dropout is not None:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -167,6 +202,8 @@ class Trainer:
         self.epoch = self.batch = self.global_step = self.bad_steps = 0
         self.best = -1.0
         self.history: list[dict[str, Any]] = []
+        self.known_checkpoints: dict[int, Path] = {}   # the step checkpoints this run wrote or validated: prunable
+        self.resumes: list[dict[str, Any]] = []        # every resume of the run, with the settings it changed
         self.times: list[tuple[float, float, int]] = []
         self.stop_signal: str | None = None
         self.phase = "setup"
@@ -178,7 +215,7 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema else None, "rng": ckpt_io.rng_state(), "epoch": self.epoch,
                 "batch": self.batch, "global_step": self.global_step, "best": self.best,
                 "history": json.dumps(self.history), "config": self.cfg.to_dict(), "bad_steps": self.bad_steps,
-                "world_size": self.world}
+                "world_size": self.world, "resolved": self.resolved, "resumes": self.resumes}
 
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint (rank 0, atomically) and return its path once it is on disk, on every rank. A
@@ -192,28 +229,32 @@ class Trainer:
                 state["rng_ranks"] = rng_ranks
             ckpt_io.atomic_save(state, path)
             if name is None:
-                ckpt_io.prune(self.ckpt_dir, keep=2)
+                self.known_checkpoints[self.global_step] = path
+                ckpt_io.prune(self.known_checkpoints, keep=2)
             return path
 
         return dist.on_main(write)
 
-    def restore(self) -> bool:
-        """Resume from the newest loadable step checkpoint (corrupt ones are reported and skipped). Rank 0
+    def restore(self, plan: run_folder.Plan | None = None) -> bool:
+        """Resume from the checkpoint ``plan`` names (fit: after the run folder's checks), or, called on its
+        own, from the newest usable step checkpoint; unusable ones are reported and skipped. Rank 0
         chooses the file; every rank loads it (out_dir must be on a filesystem all nodes see)."""
-        found: dict[str, Any] = {}
-
-        def choose() -> str | None:
+        def choose() -> run_folder.Plan:
             ckpt_io.clean_stale_temporaries(self.ckpt_dir)
-            hit = ckpt_io.newest_valid(self.ckpt_dir)
-            if hit is not None:
-                found["ck"] = hit[1]
-            return None if hit is None else str(hit[0])
+            scan = ckpt_io.scan_step_checkpoints(self.ckpt_dir, self.model.spec)
+            return run_folder.Plan("resume", checkpoint=str(scan.valid[-1][1]) if scan.valid else None,
+                                   valid=[(s, str(p)) for s, p in scan.valid],
+                                   rejected=[(str(p), why) for p, why in scan.rejected])
 
-        chosen = dist.on_main(choose)
-        if chosen is None:
+        plan = plan or dist.on_main(choose)
+        if self.main:
+            for _, why in plan.rejected:
+                warnings.warn(f"skipping unusable checkpoint: {why}", stacklevel=2)
+            self.known_checkpoints = {step: Path(p) for step, p in plan.valid}
+        if plan.checkpoint is None:
             return False
-        path = Path(chosen)
-        ck = found.get("ck") or ckpt_io.load_checkpoint(path)
+        path = Path(plan.checkpoint)
+        ck = ckpt_io.load_checkpoint(path)
         ckpt_io.check_spec(ck["spec"], self.model.spec, path)
         ckpt_io.load_weights(self.model, ck["model"], path)
         self.opt.load_state_dict(ck["optimizer"])
@@ -234,7 +275,11 @@ class Trainer:
         if self.batch > self.steps_per_epoch:
             raise CheckpointError(f"{path} stopped at batch {self.batch} of an epoch that now has {self.steps_per_epoch} "
                                   f"batches: resume with the same batch_size, train_limit and data.")
-        dist.print0(f"resumed from {path} at epoch {self.epoch}, batch {self.batch} (step {self.global_step})")
+        self.resumes = [*(ck.get("resumes") or []), {"checkpoint": path.name, "step": self.global_step,
+                                                     "changes": plan.changes}]
+        changed = run_folder.describe_changes(plan.changes)
+        dist.print0(f"resumed from {path} at epoch {self.epoch}, batch {self.batch} (step {self.global_step})"
+                    + (f", with settings that do not change the trained model changed ({changed})" if changed else ""))
         return True
 
     # -- one step ---------------------------------------------------------------------------------
@@ -243,6 +288,8 @@ class Trainer:
         for group in self.opt.param_groups:   # a pure function of the step: exact on resume
             group["lr"] = lr
         notes = len(self.stepper.notes)
+        if self.start_weight_norm is None:
+            self.start_weight_norm = weight_norm(self.model.state_dict())
         res = self.stepper(x, y, step=self.global_step)
         if len(self.stepper.notes) != notes:
             self.write_manifest()   # a fallback (compile): recorded now, not only if the run finishes
@@ -253,15 +300,15 @@ class Trainer:
                               f"not counted as a bad step)", stacklevel=2)
                 return None
             self.bad_steps += 1
+            self.last_failure = res.failure
             warnings.warn(f"step {self.global_step}: {res.failure}; step skipped ({self.bad_steps} in a row)", stacklevel=2)
             if self.bad_steps >= self.cfg.max_bad_steps:
-                raise NumericalError(f"{self.bad_steps} consecutive bad steps ({res.failure}). Training stopped; the "
-                                     f"last good state is in {self.save()}. Lower the learning rate, use --amp off "
-                                     f"(fp32) or bf16 instead of fp16, and check the data.")
+                raise self.bad_steps_stop(res.failure)
             return None
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.bad_steps = 0
+        self.last_finite_loss = (self.global_step, res.loss)
         self.times.append((res.attack_s, res.update_s, len(y) * self.world))
         record: dict[str, Any] = {"loss": res.loss, "lr": lr}
         if self.global_step % self.cfg.log_every == 0:
@@ -276,6 +323,73 @@ class Trainer:
                 means = dist.all_reduce(torch.tensor([record[k] for k in keys], dtype=torch.float64), "sum") / self.world
                 record.update({k: float(v) for k, v in zip(keys, means)})
         return record
+
+    # -- bad steps --------------------------------------------------------------------------------
+    def healthy(self, norm: float) -> bool:
+        """Weights with this norm have not blown up (see WEIGHT_NORM_GROWTH_LIMIT)."""
+        start = self.start_weight_norm
+        return math.isfinite(norm) and (not start or norm <= WEIGHT_NORM_GROWTH_LIMIT * start)
+
+    def last_good_state(self) -> tuple[Path, int, float, bool] | None:
+        """(path, step, weight norm, whether it is the current state): what a stopped run names as its last
+        good state. The current weights when they are healthy, written as a step checkpoint (bad steps
+        change nothing, so they are the last applied update's). Otherwise the newest healthy checkpoint among the run's step
+        checkpoints and best.pt; the blown-up weights are not written, so they do not displace it. None
+        when no checkpoint is healthy. A collective under DDP: rank 0 decides, every rank agrees."""
+        if dist.on_main(lambda: self.healthy(weight_norm(self.model.state_dict()))):
+            return self.save(), self.global_step, weight_norm(self.model.state_dict()), True
+
+        def newest_healthy() -> tuple[Path, int, float, bool] | None:
+            found = []
+            for path in [*ckpt_io.step_checkpoints(self.ckpt_dir), self.ckpt_dir / "best.pt"]:
+                try:
+                    ck = ckpt_io.load_checkpoint(path) if path.is_file() else None
+                except CheckpointError:
+                    continue
+                if ck is not None and isinstance(ck.get("global_step"), int) and ck["global_step"] <= self.global_step:
+                    found.append((path, ck["global_step"], weight_norm(ck["model"]), False))
+            return max((f for f in found if self.healthy(f[2])), key=lambda f: f[1], default=None)
+
+        return dist.on_main(newest_healthy)
+
+    def check_bad_steps_at_end(self) -> None:
+        """A run whose last steps were bad and whose weights have blown up ends as one that reached
+        max_bad_steps does: the storm began too close to the end to be counted out, and the blown-up
+        weights must not become final.pt and the final evaluation. Trailing bad steps over healthy
+        weights (a bad batch at the end) are only the warnings they were."""
+        if self.bad_steps and not dist.on_main(lambda: self.healthy(weight_norm(self.model.state_dict()))):
+            raise self.bad_steps_stop(self.last_failure or "bad steps", at_end=True)
+
+    def bad_steps_stop(self, failure: str, at_end: bool = False) -> NumericalError:
+        """The error that ends a run after max_bad_steps bad steps in a row (or, ``at_end``, at the end of
+        a run inside a streak of them, over blown-up weights): what failed, the last good state, and advice
+        that fits the run: AMP changes only when fp16 was on."""
+        start, now = self.start_weight_norm, weight_norm(self.model.state_dict())
+        grown = f"{now / start:.3g}x" if start else "?"
+        loss = (f"the last finite loss was {self.last_finite_loss[1]:.4g} at step {self.last_finite_loss[0]}"
+                if self.last_finite_loss else "no step was applied since training started here")
+        good = self.last_good_state()
+        if good is None:
+            where = (f"no checkpoint holds weights from before they blew up (their norm is now {now:.3g}, {grown} the "
+                     f"{start:.3g} training started from; {loss}): start again from the beginning")
+        else:
+            path, step, norm, current = good
+            where = (f"the last good state is in {path} (step {step}, weights' norm {norm:.3g}; training started "
+                     f"from {start:.3g}; {loss})")
+            if not current:
+                where += (f". The weights now have norm {now:.3g} ({grown}): they blew up after it; a new run can "
+                          f"start from it with --init-checkpoint {path}")
+        lr = self.cfg.lr
+        if self.stepper.amp is torch.float16:
+            advice = (f"Lower the learning rate (--lr, now {lr:g}), or train with --amp bf16 (fp32's exponent range) "
+                      f"or --amp off (fp32): fp16 cannot hold this run's gradients.")
+        else:
+            advice = (f"Lower the learning rate (--lr, now {lr:g}; e.g. {lr / 10:g}), and check the data and the "
+                      f"method's options (a large loss weight such as beta).")
+        ended = (f"training ended in {self.bad_steps} consecutive bad steps ({failure}) over blown-up weights; no "
+                 f"final.pt is written" if at_end else
+                 f"{self.bad_steps} consecutive bad steps ({failure}). Training stopped")
+        return NumericalError(f"{ended}; {where}. {advice}")
 
     # -- stop signals -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -338,21 +452,39 @@ class Trainer:
             report.write_json(self.out / "manifest.json", report.manifest(
                 self.cfg.to_dict(), device=self.device, seed=self.cfg.seed, data_split=self.split,
                 loader=getattr(self.loader, "backend", self.cfg.loader), kernels_self_check=kernels.self_check_report(),
-                warnings=self.warnings, fallbacks=self.stepper.notes,
+                warnings=self.warnings, fallbacks=self.stepper.notes, resolved=self.resolved, resumes=self.resumes,
+                resumed_with_changes=run_folder.merged_changes(self.resumes),
                 distributed={"world_size": self.world, "per_rank_batch": self.cfg.batch_size // self.world,
-                             "backend": dist.backend()}))
+                             "backend": dist.backend()}, **self.manifest_extra))
 
     def fit(self) -> dict[str, Any]:
-        with self.stop_on_signals():
+        with self.stop_on_signals(), self.holding_folder():
             return self._fit()
+
+    @contextlib.contextmanager
+    def holding_folder(self):
+        """The run folder's lock for the whole run, taken by rank 0: the ranks of one run are one writer."""
+        lock = run_folder.FolderLock(self.out)
+        dist.on_main(lock.acquire)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def claim_folder(self) -> run_folder.Plan:
+        """Rank 0, holding the lock: the folder's checks once more (another process may have used it since
+        __init__), then the folder made what the run starts from."""
+        plan = run_folder.inspect(self.cfg, self.resolved, self.expected_spec, check_lock=False)
+        line = run_folder.prepare(plan, self.out)
+        if line:
+            print(line)
+        return plan
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            self.restore()
-        elif self.main and (self.out / "log.jsonl").exists():
-            (self.out / "log.jsonl").unlink()
+        plan = dist.on_main(self.claim_folder)
+        if plan.checkpoint is not None:
+            self.restore(plan)
         self.write_manifest()
         self.phase = "train"
         while self.epoch < cfg.epochs:
@@ -388,6 +520,7 @@ class Trainer:
                 print(f"epoch {self.epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                                                         if k in ("val_na", "val_pgd_ra", "img_per_s", "epoch_seconds")))
             self.check_stop(saved)
+        self.check_bad_steps_at_end()
         self.check_stop(self.save("final.pt"))
         self.phase = "final evaluation"
         return self.finish()
@@ -421,15 +554,6 @@ class Trainer:
         return summary
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{time.time_ns()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output folder {out} is not writable ({e.strerror or e}). Choose another --out-dir.") from e
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    return Trainer(cfg).fit()
+def train(cfg: TrainConfig, manifest_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg``; ``manifest_extra``: more top-level entries of manifest.json (a recipe's protocol notes)."""
+    return Trainer(cfg, manifest_extra).fit()

@@ -17,10 +17,11 @@ import dataclasses
 import importlib.abc
 import importlib.machinery
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .protocols import PROFILES, Profile
+from .protocols import PROFILES, Profile, protocol_notes
 
 
 def all_cells() -> dict[str, tuple[str, str, str]]:
@@ -53,8 +54,23 @@ if not any(isinstance(f, _CellFinder) for f in sys.meta_path):
     sys.meta_path.append(_CellFinder())
 
 
-def run_dir(dataset: str, row: str, arch: str, profile: str, root: str | Path = "runs") -> Path:
-    return Path(root) / f"{dataset}_{row}_{arch}" / profile
+def run_dir(dataset: str, row: str, arch: str, profile: str, root: str | Path = "runs", seed: int = 0) -> Path:
+    """``<root>/<dataset>_<row>_<arch>/<profile>/seed<k>``: one run folder per training seed."""
+    return Path(root) / f"{dataset}_{row}_{arch}" / profile / f"seed{seed}"
+
+
+def parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    """``--seeds 0,1,2`` -> (0, 1, 2); None or empty: the profile's seeds."""
+    from fastrobust.errors import ConfigError
+    if not text:
+        return None
+    try:
+        seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers >= 0, e.g. --seeds 0,1,2; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds takes comma-separated integers >= 0, e.g. --seeds 0,1,2; got {text!r}")
+    return seeds
 
 
 def settings(profile: Profile, dataset: str, row: str, arch: str) -> dict[str, Any]:
@@ -68,7 +84,7 @@ def settings(profile: Profile, dataset: str, row: str, arch: str) -> dict[str, A
 
 
 def make_config(dataset: str, row: str, arch: str, profile: str, root: str | Path = "runs",
-                overrides: dict[str, Any] | None = None):
+                overrides: dict[str, Any] | None = None, seed: int = 0):
     from fastrobust.config import EvalConfig, TrainConfig
     from fastrobust.errors import ConfigError, unknown_name
 
@@ -80,9 +96,11 @@ def make_config(dataset: str, row: str, arch: str, profile: str, root: str | Pat
         raise ConfigError(f"profile {profile!r} has no cell {dataset}_{row}_{arch}; profiles with it: "
                           f"{', '.join(having) or 'none'}.")
     values = settings(prof, dataset, row, arch)
+    values["seed"] = seed   # the training seed; the evaluation's attacks keep their own seed, the same for every run
     init_from = values.pop("init_from", None)
-    if init_from:  # a fine-tune of another cell's final checkpoint (FAAL's official protocol)
-        values["init_checkpoint"] = str(run_dir(dataset, init_from, arch, profile, root) / "checkpoints" / "final.pt")
+    if init_from:  # a fine-tune of the same seed's final checkpoint of another cell (FAAL's official protocol)
+        values["init_checkpoint"] = str(run_dir(dataset, init_from, arch, profile, root, seed) / "checkpoints" /
+                                        "final.pt")
     overrides = dict(overrides or {})
     options = method_options(overrides)   # "<method>_<option>" keys: options of that method's rows only
     if values["method"].name in options:
@@ -92,7 +110,9 @@ def make_config(dataset: str, row: str, arch: str, profile: str, root: str | Pat
     if not isinstance(ev, dict):
         raise ConfigError(f"eval overrides must be a mapping of evaluation options, got {ev!r}")
     values.update(overrides)
-    values.setdefault("out_dir", str(run_dir(dataset, row, arch, profile, root)))
+    if "seed" in overrides:
+        raise ConfigError("the training seed is an axis of the recipes: pass --seeds 3 (or 0,1,2), not --set seed=3.")
+    values.setdefault("out_dir", str(run_dir(dataset, row, arch, profile, root, seed)))
     cfg = TrainConfig.from_dict({**values, "eval": {**dataclasses.asdict(EvalConfig(dataset=dataset)), **ev}})
     return cfg.validate()
 
@@ -125,6 +145,13 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def main(dataset: str, row: str, arch: str, argv: Sequence[str] | None = None) -> int:
+    """A cell's command line (``python -m recipes.<cell>``); output into a pipe that closes early ends
+    quietly with status 141 (fastrobust.cli.exit_quietly_on_broken_pipe)."""
+    from fastrobust.cli import exit_quietly_on_broken_pipe
+    return exit_quietly_on_broken_pipe(lambda: _main(dataset, row, arch, argv))
+
+
+def _main(dataset: str, row: str, arch: str, argv: Sequence[str] | None) -> int:
     import torch
 
     prog = f"python -m recipes.{dataset}_{row}_{arch}"
@@ -138,6 +165,10 @@ def main(dataset: str, row: str, arch: str, argv: Sequence[str] | None = None) -
     parser.add_argument("--step-bench", action="store_true",
                         help="also measure the step-cost ratio of the compared rows (interleaved, same process)")
     parser.add_argument("--resume", action="store_true", help="continue each run from its newest checkpoint")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="training seeds, comma-separated (e.g. 0,1,2): one run folder per seed, "
+                             "<runs>/<cell>/<profile>/seed<k>; default: the profile's seeds for this row (0 unless "
+                             "the profile says otherwise)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override any TrainConfig field or method option, e.g. --set epochs=2 dtrades_sync=global "
                              "\"eval={'aa_samples': 100}\" (a method option applies to that method's rows)")
@@ -155,15 +186,18 @@ def main(dataset: str, row: str, arch: str, argv: Sequence[str] | None = None) -
         overrides = {"device": ns.device, "resume": ns.resume, **_parse_set(ns.set)}
         if ns.data_dir:
             overrides["data_dir"] = ns.data_dir
-        configs = [make_config(dataset, r, arch, profile, ns.runs, overrides) for r in rows]   # bad input fails here
+        seeds = parse_seeds(ns.seeds)
+        configs = [make_config(dataset, r, arch, profile, ns.runs, overrides, seed)   # bad input fails here
+                   for r in rows for seed in (seeds or PROFILES[profile].seeds_of(r))]
         unused = set(method_options(dict(overrides))) - {c.method.name for c in configs}
         if unused:
             from fastrobust.errors import ConfigError
             raise ConfigError(f"--set gives options of {', '.join(sorted(unused))}, but no trained row uses that "
                               f"method (rows: {', '.join(rows)}).")
+        check_output_folders([(dataset, r, arch) for r in rows], profile, ns.runs, configs)
         if profile == "smoke":
             dist.print0(cost_statement(dataset, rows, arch, configs[0].data_dir))
-        return run_cells([(dataset, r, arch) for r in rows], profile, ns.runs, overrides, ns.step_bench)
+        return run_cells([(dataset, r, arch) for r in rows], profile, ns.runs, overrides, ns.step_bench, seeds)
 
     return run_reporting_errors(run, prog=prog)
 
@@ -190,29 +224,52 @@ def cost_statement(dataset: str, rows: Sequence[str], arch: str, data_dir: str |
             + (f" --compare {','.join(rows[1:])}" if len(rows) > 1 else ""))
 
 
+def compare_dir(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path) -> Path:
+    """Where :func:`run_cells` writes the comparison of several cells."""
+    return Path(root) / ("compare_" + "_vs_".join(r for _, r, _ in cells) + f"_{cells[0][2]}_{cells[0][0]}") / profile
+
+
+def check_output_folders(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, configs) -> None:
+    """Every folder a recipe writes into, created or checked before anything is trained or timed: the runs
+    root, each run folder and, for several cells, the comparison folder."""
+    from fastrobust.report import check_output_folder
+    check_output_folder(root, "--runs")
+    for cfg in configs:
+        check_output_folder(cfg.out_dir, "run folder")
+    if len(cells) > 1:
+        check_output_folder(compare_dir(cells, profile, root), "comparison folder")
+
+
 def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | Path, overrides: dict[str, Any],
-              step_bench: bool = False) -> int:
+              step_bench: bool = False, seeds: Sequence[int] | None = None) -> int:
+    """Train each cell for each seed (``seeds``, else the profile's seeds of its row), one after another."""
     from fastrobust import distributed as dist
     from fastrobust import report
     from fastrobust.train import train
 
     results, throughput, configs = {}, {}, []
     for dataset, row, arch in cells:
-        cfg = make_config(dataset, row, arch, profile, root, overrides)
-        configs.append(cfg)
-        dist.print0(f"== {row} / {arch} / {dataset} ({profile}) -> {cfg.out_dir}")
-        summary = train(cfg)
-        name = f"{dataset}_{row}_{arch}"
-        throughput[name] = summary["throughput"]
-        if "eval" in summary:
-            results[name] = summary["eval"]
+        row_seeds = tuple(seeds or PROFILES[profile].seeds_of(row))
+        for seed in row_seeds:
+            cfg = make_config(dataset, row, arch, profile, root, overrides, seed)
+            if seed == row_seeds[0]:
+                configs.append(cfg)   # the step-cost comparison times one config per row
+            dist.print0(f"== {row} / {arch} / {dataset} ({profile}, seed {seed}) -> {cfg.out_dir}")
+            start = time.perf_counter()
+            summary = train(cfg, {"protocol_notes": protocol_notes(profile, dataset, row, arch)})
+            if dist.is_main():
+                report.write_json(Path(cfg.out_dir) / "run_time.json", {"wall_s": time.perf_counter() - start})
+            name = f"{dataset}_{row}_{arch}" + (f"_seed{seed}" if len(row_seeds) > 1 else "")
+            throughput[name] = summary["throughput"]
+            if "eval" in summary:
+                results[name] = summary["eval"]
     if not dist.is_main():  # rank 0 writes and prints the comparison
         return 0
     if results:
         print(report.results_markdown(results))
     print(report.throughput_markdown(throughput))
     if len(cells) > 1:
-        out = Path(root) / ("compare_" + "_vs_".join(r for _, r, _ in cells) + f"_{cells[0][2]}_{cells[0][0]}") / profile
+        out = compare_dir(cells, profile, root)
         if results:
             report.save_results(results, out)
         text = report.throughput_markdown(throughput)
@@ -237,10 +294,11 @@ def step_cost(configs) -> str:
     x, y = sample_batch(configs[0].dataset, configs[0].batch_size, dev, configs[0].data_dir)
 
     def timed(c) -> Any:
-        step = TrainStep(c, create_model(c.model, dataset=c.dataset).to(dev, memory_format=torch.channels_last), dev)
+        model = create_model(c.model, dataset=c.dataset, normalization=c.input_normalization)
+        step = TrainStep(c, model.to(dev, memory_format=torch.channels_last), dev)
         return lambda: step(x, y) and None
 
-    names = [Path(c.out_dir).parent.name for c in configs]   # the cells' names: two rows may share a method
+    names = [Path(c.out_dir).parents[1].name for c in configs]   # the cells' names: two rows may share a method
     steps = {n: timed(c) for n, c in zip(names, configs)}
     t = {k: v.summary() for k, v in interleaved(steps, repeats=5, warmup=1, device=dev).items()}
     flops = {n: count_flops(fn) for n, fn in steps.items()}

@@ -28,6 +28,11 @@ demo      MNIST SmallCNN, D-TRADES (alpha = beta = 1) against TRADES (beta 4) fr
 cpu       Every row on MNIST SmallCNN at CPU scale, the same threat model and training attack as demo, two
           epochs; FGSM and PGD-40 x 0.01 on 1000 test points, standard AutoAttack on the first 200: the
           README's "Results (CPU scale)" tables, ``python -m recipes.paper_tables --profile cpu``.
+
+Below the profiles, ``NOTES`` labels every choice of the paper profile with its source (the report's
+text, the report's code, or this project) and what the report's code does where it differs;
+:func:`protocol_notes` gives a cell's notes to its run manifest, ``python -m recipes --profile paper``
+prints them, and the comment above ``NOTES`` summarises the report's notebooks, with their commits.
 """
 from __future__ import annotations
 
@@ -49,6 +54,10 @@ class Profile:
     rows: dict[str, Method]                          # the method of each row
     eval: dict[str, dict[str, Any]]                  # evaluation options per dataset
     cell: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)   # per-cell exceptions
+    seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)   # training seeds per row (default: 0 only)
+
+    def seeds_of(self, row: str) -> tuple[int, ...]:
+        return self.seeds.get(row, (0,))
 
 
 def grid(datasets, rows, archs=None) -> tuple[tuple[str, str, str], ...]:
@@ -77,9 +86,9 @@ PAPER = Profile(
     cells=grid(("cifar10", "mnist"), PAPER_ROWS),
     data={
         "cifar10": dict(**SGD, epochs=100, lr=0.1, lr_schedule="piecewise", lr_milestones=(90, 100), weight_decay=2e-4,
-                        eps=0.031, attack_steps=10, attack_step_size=0.007),
+                        eps=0.031, attack_steps=10, attack_step_size=0.007, input_normalization="none"),
         "mnist":   dict(**SGD, epochs=50, lr=0.01, lr_schedule="constant", weight_decay=0.0,
-                        eps=0.3, attack_steps=20, attack_step_size=0.01),
+                        eps=0.3, attack_steps=20, attack_step_size=0.01, input_normalization="none"),
     },
     rows=PAPER_ROWS,
     eval=PAPER_EVAL,
@@ -92,10 +101,12 @@ OFFICIAL = Profile(
     cells=grid(("cifar10", "mnist"), ("trades",)) + grid(("cifar10",), ("mart",))
     + grid(("cifar10",), ("trades", "faal"), ("preact_resnet18", "wrn34_10")) + grid(("cifar10",), ("faal",)),
     data={
+        # raw [0, 1] inputs: the official TRADES, MART and FAAL code feeds transforms.ToTensor() straight in
         "cifar10": dict(**SGD, epochs=76, lr=0.1, lr_schedule="piecewise", lr_milestones=(75, 90, 100),
-                        weight_decay=2e-4, eps=0.031, attack_steps=10, attack_step_size=0.007),
+                        weight_decay=2e-4, eps=0.031, attack_steps=10, attack_step_size=0.007,
+                        input_normalization="none"),
         "mnist":   dict(**SGD, epochs=100, lr=0.01, lr_schedule="piecewise", lr_milestones=(55, 75, 90),
-                        weight_decay=0.0, eps=0.3, attack_steps=40, attack_step_size=0.01),
+                        weight_decay=0.0, eps=0.3, attack_steps=40, attack_step_size=0.01, input_normalization="none"),
     },
     rows={"trades": TRADES(beta=6.0), "mart": MART(beta=5.0), "faal": FAAL(r=0.5, base="at")},
     eval={"cifar10": dict(eps=0.031, pgd_steps=20, pgd_step_size=0.003), "mnist": dict(eps=0.3, pgd_steps=40,
@@ -150,4 +161,176 @@ CPU = Profile(
     eval={"mnist": CPU_EVAL},
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, OFFICIAL, SMOKE, DEMO, CPU)}
+# The report's MNIST radius at CPU scale. A PGD-10 x 0.04 training attack covers the 0.3 ball (10 x 0.04 =
+# 0.4); raw [0, 1] inputs, as the official TRADES MNIST code; the evaluation's PGD-40 x 0.01 covers it too.
+# Three seeds for the rows the report compares (D-TRADES at alpha = beta = 1 and 0.5 against TRADES).
+# Budget (README "Results (CPU scale)"): 13 runs in about two hours on 2 cores, so one epoch over the first
+# 30,000 training images (234 steps) and standard AutoAttack on the first 100 test points.
+EPS03_DATA = dict(**SGD, lr=0.05, lr_schedule="cosine", weight_decay=0.0, eps=0.3, attack_steps=10,
+                  attack_step_size=0.04, input_normalization="none", epochs=1, train_limit=30000, val_samples=1000)
+EPS03_EVAL = dict(eps=0.3, pgd_steps=40, pgd_step_size=0.01, num_samples=1000, aa_version="standard",
+                  aa_samples=100, sweep_samples=100)
+CPU_EPS03 = Profile(
+    name="cpu_eps03",
+    cells=grid(("mnist",), ("standard", "at", "trades", "mart", "faal", "dtrades", "dtrades_half"), ("smallcnn",)),
+    data={"mnist": EPS03_DATA},
+    rows=PAPER_ROWS,
+    eval={"mnist": EPS03_EVAL},
+    seeds={row: (0, 1, 2) for row in ("trades", "dtrades", "dtrades_half")},
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, OFFICIAL, SMOKE, DEMO, CPU, CPU_EPS03)}
+
+
+# ------------------------------------------------------------------------------------------ protocol notes
+# Where each choice of a profile comes from. The report (chapter 6) states the optimiser, batch, epochs, lr
+# and its decay epochs, CIFAR-10's weight decay, the radii, the training attacks and the methods' options;
+# everything else is a gap, filled from the report's code where that code shows it, else by this project.
+# The report's code (Jorgee18/Seminario), read for these notes:
+#   Seminario/Entrenamiento/D-trades-cifar10.ipynb @ af31555 (unchanged at HEAD 0c8183c), the notebook whose
+#     checkpoint names (model-nn-epoch100.pt) the stored CIFAR-10 results evaluate: ToTensor only, after a
+#     random crop (pad 4) and flip; no Normalize; SGD lr 0.1, momentum 0.9, and no weight decay (2e-4 is
+#     parsed but not given to the optimiser); lr x0.1 from epoch 75, x0.01 from 90, x0.001 from 100 (epochs
+#     counted from 1); 100 epochs, batch 128, eps 0.031, PGD-10 x 0.007, alpha = beta = 1, seed 1; trains on
+#     all 50,000 images and keeps every epoch's checkpoint; per epoch PGD-20 x 0.003 on the test set.
+#   Seminario/Entrenamiento/D-trades-mnist.ipynb @ 1b56c0f: ToTensor only, no augmentation, no Normalize;
+#     SGD lr 0.01, momentum 0.9, no weight decay; decay epochs 55, 75, 90 lie beyond its 50 epochs (a
+#     constant lr); batch 128, eps 0.3, PGD-20 x 0.01; ResNet-18 with a one-channel 3x3 stem, VGG-16 with
+#     one input channel.
+#   Seminario/Entrenamiento/d-trades-cifar10.ipynb and d-trades_mnist.ipynb @ 6ac97c5 (deleted at 5c69743,
+#     c31d4cd): earlier versions built around a k-fold search (CIFAR-10: 2 folds, 5 epochs by default, no
+#     augmentation, no checkpoint saved; MNIST: a checkpoint every third epoch by default, so none at epoch
+#     50); not the notebooks of the reported models. Neither normalises its inputs either.
+#   Seminario/Método/d-trades.ipynb @ 6ac97c5: the loss. The attack runs in eval mode from x + 0.001 N(0, 1)
+#     on the summed KL; entropy with p clamped at 1e-12; the sensitivity per sample in a loop, in eval mode;
+#     min-max normalisation over the batch (+1e-8); lambda detached; the robust term the batch mean of
+#     lambda_i KL_i.
+#   Seminario/Models/{resnet,vgg}.py @ 5a989ce: no normalisation layer; VGG-16 with batch norm.
+#   Seminario/Resultado/evaluate_attacks_{cifar10,mnist}.ipynb @ 801747a: ToTensor only; PGD-20 x 0.003
+#     (uniform start) at the training radius, FGSM at 0.03, standard AutoAttack at 8/255 on the first 1000
+#     test images, on both datasets; the last epoch's checkpoint.
+REPORT, REPORT_CODE, PROJECT = "report", "report's code", "this project"
+NOTE_SOURCES = (REPORT, REPORT_CODE, PROJECT)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One choice of a profile: ``setting`` is a config field (``weight_decay``, ``eval.aa_samples``,
+    ``method.sensitivity``) and ``value`` its value in every cell the note covers; or, with ``field`` False, a
+    practice named in words. ``source`` says whose choice it is; ``code`` what the report's code does where
+    that differs from ``value``."""
+    setting: str
+    value: Any
+    source: str
+    why: str
+    code: str = ""
+    datasets: tuple[str, ...] = ()   # empty: every dataset
+    methods: tuple[str, ...] = ()    # empty: every row's method
+    field: bool = True
+
+    def __post_init__(self):
+        if self.source not in NOTE_SOURCES:
+            raise ValueError(f"note {self.setting!r}: source {self.source!r} is none of {', '.join(NOTE_SOURCES)}")
+
+    def covers(self, dataset: str, method: str) -> bool:
+        return (not self.datasets or dataset in self.datasets) and (not self.methods or method in self.methods)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"setting": self.setting, "value": self.value, "source": self.source, "why": self.why,
+                **({"report_code": self.code} if self.code else {})}
+
+
+NB_CIFAR = "D-trades-cifar10.ipynb @ af31555"
+NB_MNIST = "D-trades-mnist.ipynb @ 1b56c0f"
+NB_LOSS = "Método/d-trades.ipynb @ 6ac97c5"
+NB_EVAL = "evaluate_attacks_*.ipynb @ 801747a"
+PAPER_NOTES = (
+    Note("lr_milestones", (90, 100), REPORT, "Sections 6.4/6.5: the lr is reduced at epochs 90 and 100",
+         code=f"x0.1 from epoch 75, 90 and 100 ({NB_CIFAR}), the official TRADES schedule", datasets=("cifar10",)),
+    Note("lr_gamma", 0.1, REPORT_CODE, f"the text names the epochs, not the factor; {NB_CIFAR} divides by 10 at "
+         "each", datasets=("cifar10",)),
+    Note("weight_decay", 2e-4, REPORT, "Sections 6.4/6.5", code=f"parsed but never given to the optimiser "
+         f"({NB_CIFAR}): the reported CIFAR-10 models trained without weight decay", datasets=("cifar10",)),
+    Note("weight_decay", 0.0, REPORT_CODE, f"the text gives none for MNIST; {NB_MNIST} uses none",
+         datasets=("mnist",)),
+    Note("lr_schedule", "constant", REPORT_CODE, f"the text gives no decay for MNIST; the decay epochs of {NB_MNIST} "
+         "(55, 75, 90) lie beyond its 50 epochs", datasets=("mnist",)),
+    Note("augmentation", "CIFAR-10: random crop (pad 4) and horizontal flip; MNIST: none", REPORT_CODE,
+         f"the text does not say; {NB_CIFAR} and {NB_MNIST} do this", field=False),
+    Note("input_normalization", "none", REPORT_CODE, "raw [0, 1] inputs: the text does not say; the report's "
+         "notebooks apply ToTensor only and its models have no normalisation layer"),
+    Note("D-TRADES lambda", "detached: no gradient flows through lambda", REPORT_CODE,
+         f"Algorithm 5.1 does not say; {NB_LOSS} detaches it", methods=("dtrades",), field=False),
+    Note("method.entropy_eps", 1e-12, REPORT_CODE, f"Algorithm 5.1 writes log(p + EPS); {NB_LOSS} clamps p at 1e-12",
+         methods=("dtrades",)),
+    Note("method.sensitivity", "exact", PROJECT, "the input gradient of the training forward (batch norm in train "
+         "mode) at the final x', one extra backward", code=f"per-sample gradients in eval mode ({NB_LOSS}): this "
+         "project's 'func' mode", methods=("dtrades",)),
+    Note("training attack mode", "batch norm in eval mode during the training attack", REPORT_CODE,
+         f"the text does not say; {NB_LOSS} attacks in eval mode, as the official TRADES code", field=False),
+    Note("method.base", "trades", PROJECT, "the text gives FAAL only r = 0.1; trained from scratch with the TRADES "
+         "loss (beta 4), as every other row (FAAL's official code fine-tunes an AT model)", methods=("faal",)),
+    Note("baselines", "each method's own training attack (start and objective as its official code)", PROJECT,
+         "the report shows no code for TRADES, MART or FAAL", field=False),
+    Note("architectures", "ResNet-18 with a 3x3 stem; VGG-16 with batch norm; one input channel on MNIST",
+         REPORT_CODE, "the text names ResNet-18 and VGG-16 only; Models/{resnet,vgg}.py and the notebooks' MNIST "
+         "stems", field=False),
+    Note("seed", 0, PROJECT, "one seed per cell, fixed", code="torch.manual_seed(1)"),
+    Note("val_samples", 1000, PROJECT, "the last 1000 training images are held out (49,000 / 59,000 train) to "
+         "validate each epoch and choose best.pt; the tables evaluate the last epoch", code="trains on all "
+         "50,000 / 60,000 images and validates on the test set"),
+    Note("evaluated checkpoint", "the last epoch's (final.pt)", REPORT_CODE, f"the text does not say; {NB_EVAL} "
+         "evaluate model-nn-epoch100.pt / epoch50.pt", field=False),
+    Note("amp", "auto", PROJECT, "bf16 autocast on a GPU (the attack's first step in fp32), fp32 on a CPU",
+         code="fp32"),
+    Note("eval.eps", 0.031, PROJECT, "the text gives no evaluation radius: every attack at the training radius",
+         code=f"PGD-20 at 0.031, FGSM at 0.03, AutoAttack at 8/255 ({NB_EVAL})", datasets=("cifar10",)),
+    Note("eval.eps", 0.3, PROJECT, "the text gives no evaluation radius: every attack at the training radius",
+         code=f"PGD-20 at 0.3, FGSM at 0.03, AutoAttack at 8/255 ({NB_EVAL})", datasets=("mnist",)),
+    Note("eval.pgd_step_size", 0.003, REPORT_CODE, f"the text gives PGD-20's steps only; {NB_EVAL}, as the official "
+         "TRADES evaluation", datasets=("cifar10",)),
+    Note("eval.pgd_step_size", 0.01, PROJECT, "the training attack's step (20 x 0.01 cannot cross the 0.3 ball; "
+         "the evaluation flags it)", code=f"0.003 ({NB_EVAL}): 20 steps reach 0.06 from a uniform start",
+         datasets=("mnist",)),
+    Note("eval.pgd_random_start", "uniform", REPORT_CODE, f"the text does not say; {NB_EVAL}"),
+    Note("eval.num_samples", None, REPORT_CODE, f"NA, FGSM and PGD-20 on the whole test set, as {NB_EVAL}"),
+    Note("eval.aa_version", "standard", REPORT_CODE, f"the text names AutoAttack only; {NB_EVAL} runs the standard "
+         "version"),
+    Note("eval.aa_samples", 1000, REPORT_CODE, f"the first 1000 test images, as {NB_EVAL}"),
+    Note("AutoAttack's RD", "NA on AutoAttack's own points minus its RA", REPORT_CODE, f"eq. 6.3 writes NA - RA; "
+         f"{NB_EVAL} subtract from the NA of the 1000 attacked points", field=False),
+)
+NOTES: dict[str, tuple[Note, ...]] = {"paper": PAPER_NOTES}
+
+
+def cell_in_report(dataset: str, row: str, arch: str) -> bool:
+    """Whether the report's printed tables hold this cell (the rest are this project's additions)."""
+    from recipes.published import report_cells   # the report's grid is its tables' data
+    return (dataset, row, arch) in report_cells()
+
+
+def protocol_notes(profile: str, dataset: str, row: str, arch: str) -> dict[str, Any]:
+    """What a run's manifest records about its protocol: whether the cell is in the report's tables, and every
+    note of the profile that covers it."""
+    prof = PROFILES[profile]
+    method = prof.rows[row].name
+    notes = [n.as_dict() for n in NOTES.get(profile, ()) if n.covers(dataset, method)]
+    return {"profile": profile, "cell_in_report": cell_in_report(dataset, row, arch),
+            "cell": "in the report's tables" if cell_in_report(dataset, row, arch) else
+            "this project's addition: not in the report's tables", "notes": notes}
+
+
+def notes_markdown(profile: str) -> str:
+    """A profile's notes as a table (README "Recipes" renders the paper profile's)."""
+    from fastrobust.report import markdown_table
+
+    def scope(n: Note) -> str:
+        parts = [", ".join(DISPLAY.get(d, d) for d in n.datasets)] if n.datasets else []
+        return ", ".join(parts + [f"{m} rows" for m in n.methods]) or "all"
+
+    def shown(v: Any) -> str:
+        return "none" if v is None else ", ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    rows = [[f"`{n.setting}`" if n.field else n.setting, shown(n.value), scope(n), n.source, n.why, n.code or "—"]
+            for n in NOTES.get(profile, ())]
+    return markdown_table(["setting", "value", "cells", "source", "why", "the report's code, where it differs"], rows)

@@ -394,11 +394,11 @@ def test_unwritable_output_folder(capsys, tmp_path, data_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     line = _one_error_line(capsys, BASE + ["--data-dir", str(data_dir), "--out-dir", str(blocker / "run")])
-    assert f"output folder {blocker / 'run'} is not writable" in line and "--out-dir" in line
+    assert f"--out-dir) {blocker / 'run'} cannot be created or written to ({blocker} is a file, not a folder)" in line
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        assert "is not writable" in _one_error_line(capsys, BASE + ["--data-dir", str(data_dir), "--out-dir",
-                                                                     str(locked / "run")])
+        assert "cannot be created or written to (Permission denied)" in _one_error_line(
+            capsys, BASE + ["--data-dir", str(data_dir), "--out-dir", str(locked / "run")])
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from recipes import paper_tables as pt
 from recipes import run_dir
-from recipes.published import SEED
+from recipes.protocols import DISPLAY as NAMES
+from recipes.published import PRINTED, SEED, printed_value, stored_value
 
 
 def _result(na, ra, n=1000, eps=0.031, passed=True):
@@ -51,17 +52,60 @@ def test_tables_are_numbered_and_laid_out_as_the_paper(runs):
     assert "eps 0.031" in text.splitlines()[2] and "8/255" in text.splitlines()[2]   # the radius in the header
 
 
-def test_our_cells_stand_beside_the_seed_with_the_difference(runs):
+def test_our_cells_stand_beside_the_printed_number_with_the_difference(runs):
     text = pt.tables(pt.load(runs, "paper"), "paper")
-    seed = SEED[("cifar10", "dtrades", "resnet18")]
     row = [line for line in _section(text, "Table 6.3:").splitlines() if line.startswith("| dtrades |")][0]
-    assert f"85.00 (seed {seed['na']:.2f}, Δ {85.0 - seed['na']:+.2f})" in row
-    assert f"41.00 ± 1.6 (seed {seed['ra']['autoattack']:.2f}, Δ {41.0 - seed['ra']['autoattack']:+.2f})" in row
+    printed = printed_value("6.3", "cifar10", "dtrades", "resnet18", "na", None)
+    stored = stored_value("cifar10", "dtrades", "resnet18", "na", None)
+    # the printed NA and the repository's stored one disagree (86.63 against 86.83): both, with their differences
+    assert f"85.00 (report {printed.text}, Δ {85.0 - printed.value:+.2f}; repository {stored.text}, " \
+           f"Δ {85.0 - stored.value:+.2f})" in row
+    aa = printed_value("6.3", "cifar10", "dtrades", "resnet18", "ra", "autoattack")
+    assert f"41.00 ± 1.6 (report {aa.text}, Δ {41.0 - aa.value:+.2f})" in row   # stored 40.0 agrees: not repeated
     assert "all passed" in row
+    mnist_na = printed_value("6.3", "mnist", "dtrades", "resnet18", "na", None)
+    assert f"{pt.MISSING} (report {mnist_na.text})" in row                      # not run yet: the printed number
     half = [line for line in _section(text, "Table 6.3:").splitlines() if line.startswith("| dtrades_half |")][0]
-    assert "**FAILED**: ordering" in half and "seed" not in half   # no published number for the ablation row
-    missing = [line for line in _section(text, "Table 6.3:").splitlines() if line.startswith("| mart |")][0]
-    assert missing.count(pt.MISSING) == 9
+    assert "**FAILED**: ordering" in half and "report" not in half   # Table 6.3 prints no alpha = 0.5 row...
+    assert "repository 85.28" in half                                # ...its repository stores one
+    missing = [line for line in _section(text, "Table 6.3:").splitlines() if line.startswith("| at |")][0]
+    assert missing.count(pt.MISSING) == 9 and "report" not in missing   # PGD-AT: not in the report
+
+
+def test_all_printed_numbers_stand_beside_their_cells_and_only_with_the_paper_profile(tmp_path):
+    text = pt.tables({}, "paper")
+    for r in PRINTED:
+        section = _section(text, f"Table {r.table}:")
+        line = next(line for line in section.splitlines() if line.startswith(f"| {r.row} |"))
+        header = next(line for line in section.splitlines() if line.startswith("| Row |"))
+        column = f"{NAMES[r.dataset]} " + ("NA" if r.metric == "na" else pt.LABELS[r.attack])
+        cell = line.split(" | ")[[h.strip() for h in header.split("|")].index(column) - 1]
+        assert f"(report {r.text}" in cell, (r, cell)
+    assert len(re.findall(r"\(report ", text.split("## The report's")[0])) == len(PRINTED) == 232
+    for profile in ("official", "cpu"):
+        assert "(report " not in pt.tables({}, profile) and "inconsistencies" not in pt.tables({}, profile)
+
+
+def test_a_cell_shows_the_stored_number_only_where_it_disagrees_with_the_printed_one():
+    ours = {"na": 0.8}
+    printed = printed_value("6.3", "cifar10", "trades", "resnet18", "na", None)
+    assert pt.cell_text(ours, printed, None, "na") == f"80.00 (report {printed.text}, Δ {80.0 - printed.value:+.2f})"
+    agreeing = stored_value("cifar10", "dtrades", "resnet18", "ra", "autoattack")   # "40.0" against "40.00"
+    disagreeing = stored_value("cifar10", "dtrades", "resnet18", "na", None)
+    aa = printed_value("6.3", "cifar10", "dtrades", "resnet18", "ra", "autoattack")
+    na = printed_value("6.3", "cifar10", "dtrades", "resnet18", "na", None)
+    assert "repository" not in pt.cell_text(None, aa, agreeing, "ra", "autoattack")
+    assert pt.cell_text(None, na, disagreeing, "na") == f"{pt.MISSING} (report 86.63; repository 86.83)"
+
+
+def test_the_reports_inconsistencies_are_listed_under_the_paper_tables():
+    text = pt.tables({}, "paper")
+    flags = _section(text, "The report's inconsistencies")
+    for rule in ("stronger attack above weaker", "RD is not NA - RA", "row repeated", "text against table",
+                 "printed against stored"):
+        assert f"**{rule}**" in flags
+    assert "MNIST, D-TRADES, ResNet-18 (Tables 6.1, 6.3): AutoAttack RA 98.90 above PGD-20 RA 81.56" in flags
+    assert flags.count("\n- ") == len(pt.report_inconsistencies())
 
 
 def test_the_seeds_inconsistencies_are_flagged():

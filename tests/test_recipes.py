@@ -199,7 +199,7 @@ def test_recipe_profile_without_the_cell_is_one_line(capsys):
     code = recipes.main("mnist", "dtrades", "smallcnn", ["--profile", "official"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "profile 'official' has no cell mnist_dtrades_smallcnn; profiles with it: cpu, demo, paper, smoke" in err
+    assert "profile 'official' has no cell mnist_dtrades_smallcnn; profiles with it: cpu, cpu_eps03, demo, paper, smoke" in err
 
 
 def test_recipe_malformed_flags_are_argparse_usage_errors(capsys):
