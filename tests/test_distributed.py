@@ -164,7 +164,7 @@ def test_a_ddp_step_equals_a_single_process_step(ddp_run, tmp_path, data_dir, in
     construction: same thread count, so the per-sample work agrees to a few ulps (checked first, as the
     premise), and only summation order differs (measured worst ratio ~1e-6 on AVX-512, AVX2, SSE4.1)."""
     runs, _ = ddp_run
-    ckpts = runs / f"mnist_{method}_smallcnn" / "smoke" / "checkpoints"
+    ckpts = runs / f"mnist_{method}_smallcnn" / "smoke" / "seed0" / "checkpoints"
     before, after = load_checkpoint(ckpts / "step-00000003.pt"), load_checkpoint(ckpts / "step-00000004.pt")
     assert before["world_size"] == 2 and len(before["rng_ranks"]) == 2
     assert before["config"]["norm"] == "l2" and (method != "dtrades" or before["config"]["method"]["sync"] == "global")
@@ -192,7 +192,7 @@ def test_distributed_evaluation_equals_single_process_exactly(ddp_run, mnist_tes
     """Evaluation is sharded by whole batches with per-batch attack seeds: exact by construction (each
     batch is computed by one process, at the same size and thread count, as one process would)."""
     runs, outs = ddp_run
-    run = runs / "mnist_dtrades_smallcnn" / "smoke"
+    run = runs / "mnist_dtrades_smallcnn" / "smoke" / "seed0"
     (ddp,) = json.loads((run / "results.json").read_text()).values()
     model, _ = ck.load_model(run / "checkpoints" / "final.pt")
     model = model.to(memory_format=torch.channels_last)   # the layout the ranks evaluated in: the same kernels
@@ -238,11 +238,11 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(ddp
     boundary, writes the checkpoint, and both exit with 143. The resumed 2-process run ends with
     weights bit-identical to the uninterrupted 2-process run (same world size, same reduction order)."""
     runs, _ = ddp_run
-    ref = load_checkpoint(runs / "mnist_dtrades_smallcnn" / "smoke" / "checkpoints" / "final.pt")
+    ref = load_checkpoint(runs / "mnist_dtrades_smallcnn" / "smoke" / "seed0" / "checkpoints" / "final.pt")
     values = _overrides(data_dir, init_ckpt, "dtrades", final_eval=False)
     proc = _recipe("dtrades", tmp_path, values)
-    ckpts = tmp_path / "mnist_dtrades_smallcnn" / "smoke" / "checkpoints"
-    log = tmp_path / "mnist_dtrades_smallcnn" / "smoke" / "log.jsonl"
+    ckpts = tmp_path / "mnist_dtrades_smallcnn" / "smoke" / "seed0" / "checkpoints"
+    log = tmp_path / "mnist_dtrades_smallcnn" / "smoke" / "seed0" / "log.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and '"kind": "step"' in log.read_text()):  # step 1 done: both ranks are in the loop
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
