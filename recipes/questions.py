@@ -6,8 +6,9 @@ the training seeds a profile runs:
     both groups hold the same seeds), with its p;
   * one seed in a group: the paired bootstrap interval on the points with the exact McNemar p (an RD
     difference has no McNemar form: its interval is the bootstrap of the per-point RD difference).
-A claim is *supported* when the 95% interval excludes 0 on the claimed side, *contradicted* when it
-excludes 0 on the other, and *not significant at this scale* otherwise.
+A claim is *supported* when the 95% interval excludes 0 on the claimed side (and the test's p, where it has
+one, is below 0.05), *contradicted* when both say so on the other side, and *not significant at this scale*
+otherwise.
 """
 from __future__ import annotations
 
@@ -56,9 +57,13 @@ def claims(rows: Sequence[str]) -> list[Claim]:
     return out
 
 
-def verdict(low: float | None, high: float | None, sign: int) -> str:
+def verdict(low: float | None, high: float | None, sign: int, p: float | None = None) -> str:
+    """From the interval and, where the test gives one, its p: a difference counts only when both agree
+    (the percentile bootstrap and the exact test can part at a handful of discordant points)."""
     if low is None or high is None:
         return "untested"
+    if p is not None and p >= 1 - LEVEL:
+        return "not significant at this scale"
     if (low > 0 and sign > 0) or (high < 0 and sign < 0):
         return "supported"
     if (low > 0 and sign < 0) or (high < 0 and sign > 0):
@@ -105,19 +110,23 @@ def tested_claims(found: dict, profile: str, root: str | Path) -> str:
                 for name in attacks:
                     diff, low, high, how, p = _rd_test(dirs[claim.a], dirs[claim.b], name)
                     rows.append([claim.text, f"RD ({load_points(dirs[claim.a][0]).label_of(name)})", diff,
-                                 _ci(low, high), how, _p(p), verdict(low, high, claim.sign)])
+                                 _ci(low, high), how, _p(p), verdict(low, high, claim.sign, p)])
                 continue
             comparison = compare_groups(dirs[claim.a], dirs[claim.b], (claim.a, claim.b), reps=REPS, level=LEVEL)
             for m in comparison.measures:
                 if (m.measure == "natural") != (claim.metric == "na"):
                     continue
+                diff = m.diff
                 if m.interval is not None:
                     low, high, p, how = m.interval.low, m.interval.high, m.interval.p, m.test
-                else:   # one seed: that seed's paired test on the points
-                    pr = m.seeds[0].paired if m.seeds else None
+                else:   # one seed in a group: the paired test on the points of the first seed both groups hold
+                    pr = next((s.paired for s in m.seeds if s.paired is not None), None)
                     low, high, p = (None, None, None) if pr is None else (pr.ci_low, pr.ci_high, pr.p)
-                    how = "McNemar + bootstrap on the points (n = 1 seed)"
-                rows.append([claim.text, m.label, m.diff, _ci(low, high), how, _p(p), verdict(low, high, claim.sign)])
+                    diff = m.diff if pr is None else pr.diff
+                    how = "McNemar + bootstrap on the points (n = 1 seed" + \
+                          ("" if pr is None else f", {next(s.run for s in m.seeds if s.paired is pr)}") + ")"
+                rows.append([claim.text, m.label, diff, _ci(low, high), how, _p(p),
+                             verdict(low, high, claim.sign, p)])
         if rows:
             out += [f"### {DISPLAY.get(dataset, dataset)}, {DISPLAY.get(arch, arch)}", "",
                     markdown_table(["Claim", "Measure", "A − B (points)", "95% CI", "test", "p", "verdict"], rows), ""]

@@ -52,6 +52,8 @@ def test_verdict_follows_the_interval():
     assert questions.verdict(-2.0, -0.5, -1) == "supported"
     assert questions.verdict(-0.5, 2.0, -1) == "not significant at this scale"
     assert questions.verdict(None, None, +1) == "untested"
+    assert questions.verdict(1.0, 10.0, -1, p=0.0625) == "not significant at this scale"   # the test disagrees
+    assert questions.verdict(1.0, 10.0, -1, p=0.01) == "contradicted"
 
 
 def test_claims_get_the_verdicts_their_data_imply(tmp_path):
