@@ -30,6 +30,7 @@ from fastrobust.report import check_output_file, check_output_folder
 from fastrobust.step import GRAD_SCALER_INIT_SCALE, MAX_CALIBRATION_SKIPS, TrainStep
 from fastrobust.train import Trainer, train, weight_norm
 from recipes import paper_tables
+from conftest import InfGradient
 
 REPO = Path(__file__).resolve().parents[1]
 # a run of 4 steps of 64 images, 64 held out, a final evaluation on 64 test points
@@ -342,15 +343,15 @@ def test_the_last_good_state_is_the_newest_checkpoint_saved_before_the_blow_up(t
     assert not (Path(cfg.out_dir) / "checkpoints" / "step-00000003.pt").exists()
 
 
-class _InfGradient(torch.autograd.Function):
-    """Identity forward, infinite gradient: an fp16 overflow that no loss scale fixes."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
+def _overflow_every_step(step: TrainStep) -> None:
+    """Make every later step of ``step`` overflow: the method's loss gets infinite gradients."""
+    original = step.method.loss
 
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
+    def loss(model, x, y, adv, **kw):
+        out = original(model, x, y, adv, **kw)
+        out.loss = InfGradient.apply(out.loss)
+        return out
+    step.method.loss = loss
 
 
 def test_calibration_is_bounded_and_ends_once_a_scale_has_worked(mnist_test):
@@ -367,13 +368,7 @@ def test_calibration_is_bounded_and_ends_once_a_scale_has_worked(mnist_test):
                           eps=0.3).validate()
         step = TrainStep(cfg, create_model("smallcnn", dataset="mnist"), torch.device("cpu"))
         if overflowing:
-            original = step.method.loss
-
-            def loss(model, x, y, adv, **kw):
-                out = original(model, x, y, adv, **kw)
-                out.loss = _InfGradient.apply(out.loss)
-                return out
-            step.method.loss = loss
+            _overflow_every_step(step)
         return step
 
     grown = stepper(overflowing=True)
@@ -386,12 +381,6 @@ def test_calibration_is_bounded_and_ends_once_a_scale_has_worked(mnist_test):
 
     worked = stepper(overflowing=False)
     assert worked(x, y, step=0).failure is None and worked.applied_scale == GRAD_SCALER_INIT_SCALE
-    original = worked.method.loss
-
-    def overflowing_loss(model, x, y, adv, **kw):
-        out = original(model, x, y, adv, **kw)
-        out.loss = _InfGradient.apply(out.loss)
-        return out
-    worked.method.loss = overflowing_loss
+    _overflow_every_step(worked)
     after = worked(x, y, step=1)
     assert not after.calibrating and "a step was applied at loss scale 65536, so the gradients have grown" in after.failure

@@ -36,6 +36,7 @@ from fastrobust.models import create_model
 from fastrobust.step import TrainStep
 from fastrobust.train import Trainer, train
 from kernels.dispatch import triton_usable
+from conftest import InfGradient
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_TRAIN = 60000
@@ -298,17 +299,6 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, data_dir, monkeypatch)
         assert torch.equal(saved[k], v), k
 
 
-class _InfGradient(torch.autograd.Function):
-    """Identity forward, infinite gradient: an fp16 overflow that no loss scale can fix."""
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
-
 def test_fp16_overflow_storm_stops_with_a_valid_checkpoint(tmp_path, data_dir, monkeypatch):
     """The grad scaler halves its scale at each overflow; overflows above scale 1 are calibration
     (skipped, not counted), at or below 1 they count, and max_bad_steps in a row stop the run."""
@@ -322,7 +312,7 @@ def test_fp16_overflow_storm_stops_with_a_valid_checkpoint(tmp_path, data_dir, m
 
     def overflowing(model, x, y, adv, **kw):
         out = original(model, x, y, adv, **kw)
-        out.loss = _InfGradient.apply(out.loss)   # finite loss, infinite gradients
+        out.loss = InfGradient.apply(out.loss)   # finite loss, infinite gradients
         return out
 
     monkeypatch.setattr(trainer.stepper.method, "loss", overflowing)
