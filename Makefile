@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS) 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,ffcv]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, triton, ffcv, pyautoattack, fastrobust, kernels, loaders"
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,ffcv,tensorboard,robustbench]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch, torchvision, triton, ffcv, pyautoattack, tensorboard, fastrobust, kernels, loaders; from fastrobust import zoo; zoo.registry()"
 	@touch $@
 
 setup: $(VENV)/.installed

@@ -123,10 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_flags(sub.add_parser("train", help="adversarial training (any method, model, dataset)"))
 
-    p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint or a plain state dict: NA, FGSM, PGD, "
-                                         "AutoAttack, with sanity checks")
-    p_eval.add_argument("--checkpoint", required=True, help="a .pt file: a fastrobust checkpoint, or a plain state dict "
-                                                            "(with --model; official TRADES/MART layouts are mapped)")
+    p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint, a plain state dict or a RobustBench "
+                                         "zoo model: NA, FGSM, PGD, AutoAttack, with sanity checks")
+    p_eval.add_argument("--checkpoint", default=None, help="a .pt file: a fastrobust checkpoint, or a plain state dict "
+                                                           "(with --model; official TRADES/MART layouts are mapped); "
+                                                           "required unless --robustbench names the model")
+    p_eval.add_argument("--robustbench", default=None, metavar="NAME",
+                        help="instead of --checkpoint: a RobustBench zoo model (e.g. Wong2020Fast) for --dataset and "
+                             "--norm, its weights read from --robustbench-dir (needs robustbench: "
+                             "pip install 'fastrobust[robustbench]'; nothing is downloaded)")
+    p_eval.add_argument("--robustbench-dir", default=None, metavar="DIR",
+                        help="RobustBench's model_dir, holding DATASET/THREAT_MODEL/NAME.pt; default: ./models")
+    p_eval.add_argument("--export-robustbench", default=None, metavar="FILE.json",
+                        help="also write the evaluation as a RobustBench model_info entry (needs autoattack in "
+                             "--attacks and --aa-samples > 0)")
     p_eval.add_argument("--dataset", default=None, help="test set (default: the checkpoint's training dataset; "
                                                         "cifar10 for a state dict)")
     p_eval.add_argument("--model", default=None, help=f"architecture: checked against a fastrobust checkpoint, "
@@ -179,16 +189,67 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     import loaders
 
-    from . import checkpoint as ck
     from . import distributed as dist
+    from . import zoo   # robustbench itself is imported only for --robustbench
     from .evaluate import evaluate
-    from .models import create_model
     from .report import check_output_folder, manifest, results_markdown, save_results, sha256
     from .train import setup_device
 
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**{k: v for k, v in vars(ns).items() if k in fields and k != "dataset"}).validate()
     out = check_output_folder(ns.out, "--out") if ns.out else None   # before anything is read or evaluated
+    export = zoo.check_export(cfg, ns.export_robustbench) if ns.export_robustbench else None
+    if ns.robustbench_dir is not None and not ns.robustbench:
+        raise ConfigError("--robustbench-dir is the folder of --robustbench's weights: pass --robustbench NAME too.")
+    if ns.robustbench:
+        given = [f for f, v in (("--checkpoint", ns.checkpoint), ("--model", ns.model),
+                                ("--num-classes", ns.num_classes), ("--input-normalization", ns.input_normalization))
+                 if v is not None]
+        if given or ns.weights != "model":
+            raise ConfigError(f"--robustbench {ns.robustbench} names the model, with its own architecture, classes, "
+                              f"normalisation and weights: drop {', '.join(given or ['--weights'])}.")
+        dataset = ns.dataset or "cifar10"
+        zoo_model = zoo.load(ns.robustbench, dataset, cfg.norm, ns.robustbench_dir)   # bad names and files fail here
+        out = out or check_output_folder(zoo.default_out(ns.robustbench, dataset, zoo_model.threat_model),
+                                         "the evaluation folder (--out's default)")
+        model, train_eps, name, weights = zoo_model.module, None, zoo_model.label, zoo_model.path
+        spec_name = type(model).__name__
+    elif not ns.checkpoint:
+        raise ConfigError("eval needs a model: --checkpoint FILE (a fastrobust checkpoint or a state dict) or "
+                          "--robustbench NAME (a RobustBench zoo model).")
+    else:
+        model, train_eps, spec_name, dataset, out = _model_of_checkpoint(ns, out)
+        name, weights = f"{spec_name} ({Path(ns.checkpoint).name})", ns.checkpoint
+    cfg = dataclasses.replace(cfg, dataset=dataset).resolved(train_eps)
+    data = loaders.load_arrays(dataset, "test", ns.data_dir)
+    device = setup_device(ns.device)
+    # under torchrun every rank attacks its share of the batches; the result is the single-process one
+    result = evaluate(model.to(device), data.images, data.labels, cfg, device, progress=not ns.no_progress)
+    if dist.is_main():
+        digest = sha256(weights)
+        extra = {"robustbench": zoo_model.manifest(digest)} if ns.robustbench else {}
+        paths = save_results({name: result}, out, manifest(dataclasses.asdict(cfg), device=device, seed=cfg.seed,
+                                                           checkpoint=str(weights), checkpoint_sha256=digest,
+                                                           samples={"n": result.n, **result.n_attacked},
+                                                           world_size=dist.world_size(), **extra))
+        print(results_markdown({name: result}))
+        print(f"written to {out}/results.{{md,csv,json}}")
+        if export is not None:
+            zoo.export(export, result, spec_name, model=name, robustbench_model=ns.robustbench, results=paths["json"],
+                       points=paths.get(f"points:{name}"))
+            print(f"RobustBench entry written to {export}")
+    dist.barrier()
+    return 0
+
+
+def _model_of_checkpoint(ns: argparse.Namespace, out: Path | None) -> tuple[Any, float | None, str, str, Path]:
+    """The model of ``--checkpoint`` (a fastrobust checkpoint or a plain state dict), its training radius,
+    name and dataset, and the output folder (checked)."""
+    import loaders
+
+    from . import checkpoint as ck
+    from .models import create_model
+    from .report import check_output_folder
     obj = ck.read(ns.checkpoint)   # bad files fail here, before any data is loaded
     if out is None:   # the default is beside the checkpoint: checked once the checkpoint is known to exist
         out = check_output_folder(default_eval_dir(ns.checkpoint), "the evaluation folder (--out's default)")
@@ -218,21 +279,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
                     "img_size": info.size, **({"name": ns.model} if ns.model else {})}
         model, _ = ck.load_model(ns.checkpoint, expected=expected, weights=ns.weights, ckpt=ckpt)
         train_eps, spec_name = (ckpt.get("config") or {}).get("eps"), ckpt["spec"]["name"]
-    cfg = dataclasses.replace(cfg, dataset=dataset).resolved(train_eps)
-    data = loaders.load_arrays(dataset, "test", ns.data_dir)
-    device = setup_device(ns.device)
-    # under torchrun every rank attacks its share of the batches; the result is the single-process one
-    result = evaluate(model.to(device), data.images, data.labels, cfg, device, progress=not ns.no_progress)
-    name = f"{spec_name} ({Path(ns.checkpoint).name})"
-    if dist.is_main():
-        save_results({name: result}, out, manifest(dataclasses.asdict(cfg), device=device, seed=cfg.seed,
-                                                   checkpoint=str(ns.checkpoint), checkpoint_sha256=sha256(ns.checkpoint),
-                                                   samples={"n": result.n, **result.n_attacked},
-                                                   world_size=dist.world_size()))
-        print(results_markdown({name: result}))
-        print(f"written to {out}/results.{{md,csv,json}}")
-    dist.barrier()
-    return 0
+    return model, train_eps, spec_name, dataset, out
 
 
 def default_eval_dir(checkpoint: str | Path) -> Path:

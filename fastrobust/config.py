@@ -146,6 +146,8 @@ class TrainConfig:
     max_bad_steps: int = option(5, "consecutive non-finite steps before training stops", low=1)
     log_every: int = option(10, "log step statistics every n steps", low=1)
     progress: bool = option(True, "progress bars")
+    tensorboard: bool | None = option(None, "write TensorBoard scalars into the run folder as it trains (none: when "
+                                      "the tensorboard package is installed)")
     final_eval: bool = option(True, "evaluate on the test set after training")
     eval: EvalConfig = option(help="final evaluation", factory=EvalConfig)
 

@@ -59,8 +59,10 @@ class MethodOutput:
     logits_adv: torch.Tensor | None = None
 
 
-def _head_stats(head: kernels.LossHead) -> dict[str, torch.Tensor]:
-    return {"kl": head.kl, "entropy": head.entropy, "ce_nat": head.ce_nat, "ce_adv": head.ce_adv}
+def _head_stats(head: kernels.LossHead, kl_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The head's per-sample terms; ``weighted_kl``: each sample's KL as it enters the loss (times its weight)."""
+    return {"kl": head.kl, "weighted_kl": (kl_weight * head.kl).detach(), "entropy": head.entropy,
+            "ce_nat": head.ce_nat, "ce_adv": head.ce_adv}
 
 
 @dataclass
@@ -145,7 +147,7 @@ class TRADES(Method):
     def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
         z, z_adv = model(x), model(adv.x_adv)
         out = kernels.trades_loss(z, z_adv, y, self.beta, backend=backend)
-        return MethodOutput(out.loss, _head_stats(out.head), z, z_adv)
+        return MethodOutput(out.loss, _head_stats(out.head, self.beta), z, z_adv)
 
 
 @register_method
@@ -161,7 +163,7 @@ class MART(Method):
     def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
         z, z_adv = model(x), model(adv.x_adv)
         out = kernels.mart_loss(z, z_adv, y, self.beta, backend=backend)
-        return MethodOutput(out.loss, _head_stats(out.head), z, z_adv)
+        return MethodOutput(out.loss, _head_stats(out.head, self.beta * (1 - out.head.p_y)), z, z_adv)
 
 
 @register_method
@@ -209,8 +211,8 @@ class DTRADES(Method):
         reduce = dist.all_reduce if distributed and self.sync == "global" else None
         out = kernels.dtrades_loss(z, z_adv, y, s.detach(), self.alpha, self.beta, self.norm, self.scale,
                                    self.entropy_eps, reduce=reduce, backend=backend)
-        stats = {"kl": out.head.kl, "lambda": out.lam.detach(), "entropy": out.head.entropy,
-                 "sensitivity": s.detach(), "ce_nat": out.head.ce_nat}
+        stats = {"kl": out.head.kl, "weighted_kl": (out.lam * out.head.kl).detach(), "lambda": out.lam.detach(),
+                 "entropy": out.head.entropy, "sensitivity": s.detach(), "ce_nat": out.head.ce_nat}
         return MethodOutput(out.loss, stats, z, z_adv)
 
 
@@ -324,6 +326,7 @@ class FAAL(Method):
         else:
             fn = kernels.trades_loss if self.base == "trades" else kernels.mart_loss
             out = fn(z, z_adv, y, self.beta, sample_weight=sample_weight, backend=backend)
-            loss, stats = out.loss, _head_stats(out.head)
+            kl_weight = sample_weight * self.beta * (1 if self.base == "trades" else 1 - out.head.p_y)
+            loss, stats = out.loss, _head_stats(out.head, kl_weight)
         stats.update(class_weights=w.detach(), class_margins=margins.detach())
         return MethodOutput(loss, stats, z, z_adv)

@@ -64,6 +64,7 @@ MAY_DIFFER: dict[str, str] = {
     "resume": "how this start treats the folder",
     "overwrite": "how this start treats the folder",
     "progress": "progress bars",
+    "tensorboard": "whether the logged statistics are also written as TensorBoard events",
     "log_every": "how often statistics are logged (computing them draws no random numbers)",
     "ckpt_every_steps": "how often state is saved; resuming from any checkpoint is exact",
     "max_bad_steps": "when a series of skipped non-finite steps stops the run; a step is skipped or taken "

@@ -52,6 +52,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist
 from . import report
 from . import run_folder
+from . import tensorboard_log
 from .attacks import weak_attack_warning
 from .config import TrainConfig, lr_factor
 from .errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
@@ -146,6 +147,8 @@ class Trainer:
         # before anything is written or loaded; fit() checks again once it holds the folder's lock.
         dist.on_main(run_folder.inspect, cfg, self.resolved, self.expected_spec)
         dist.on_main(report.check_output_folder, self.out, "run folder (--out-dir)")
+        self.use_tensorboard = self.main and tensorboard_log.wanted(cfg.tensorboard)
+        self.tensorboard: tensorboard_log.TensorBoardLog | None = None   # opened once the folder is claimed
         seed_everything(cfg.seed)
         self.warnings: list[str] = []
         note = weak_attack_warning(cfg.eps, cfg.attack_step_size, cfg.attack_steps,
@@ -318,6 +321,9 @@ class Trainer:
             record["train_acc"] = float((logits.argmax(1) == y).float().mean())
             if out.logits_adv is not None:
                 record["train_adv_acc"] = float((out.logits_adv.argmax(1) == y).float().mean())
+            total = res.attack_s + res.update_s
+            record.update(img_per_s=len(y) * self.world / total if total > 0 else None, ms_per_step=1000 * total,
+                          attack_ms=1000 * res.attack_s)
             if self.world > 1:  # loss and accuracies over the global batch (the other statistics are rank 0's)
                 keys = [k for k in ("loss", "train_acc", "train_adv_acc") if k in record]
                 means = dist.all_reduce(torch.tensor([record[k] for k in keys], dtype=torch.float64), "sum") / self.world
@@ -446,6 +452,8 @@ class Trainer:
         if self.main:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
 
     def write_manifest(self) -> None:
         if self.main:
@@ -469,6 +477,9 @@ class Trainer:
         try:
             yield
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             lock.release()
 
     def claim_folder(self) -> run_folder.Plan:
@@ -478,6 +489,9 @@ class Trainer:
         line = run_folder.prepare(plan, self.out)
         if line:
             print(line)
+        if self.use_tensorboard:   # after prepare: log.jsonl is what the run continues from
+            self.tensorboard = tensorboard_log.TensorBoardLog(
+                self.out, resume_step=plan.step if plan.action in ("resume", "restart") else None)
         return plan
 
     def _fit(self) -> dict[str, Any]:
@@ -550,6 +564,8 @@ class Trainer:
                     cfg.to_dict(), device=self.device, seed=cfg.seed, checkpoint=str(final),
                     checkpoint_sha256=report.sha256(final), world_size=self.world))
             summary["eval"] = result
+            if self.tensorboard is not None:
+                self.tensorboard.write_evaluation(result, self.global_step)
         dist.barrier()  # rank 0's files are complete when train() returns on any rank
         return summary
 

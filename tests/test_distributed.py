@@ -264,6 +264,15 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(ddp
     assert final["global_step"] == ref["global_step"] == 4
     for k, v in ref["model"].items():
         assert torch.equal(v, final["model"][k]), k
+    # TensorBoard: rank 0 alone writes, one event file per start, and the curve has each logged step once
+    from fastrobust import tensorboard_log
+    if tensorboard_log.available():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        assert len(list(log.parent.glob("events.out.tfevents.*"))) == 2
+        acc = EventAccumulator(str(log.parent))
+        acc.Reload()
+        logged = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [e.step for e in acc.Scalars("train/loss")] == [r["step"] for r in logged if r["kind"] == "step"]
 
 
 # -- sweeps: the emitted launch lines and SLURM array ----------------------------------------------

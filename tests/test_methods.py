@@ -294,3 +294,24 @@ def test_dro_solver_edge_cases():
     torch.testing.assert_close(dro_class_weights(torch.tensor([1.0, 2.0, 3.0]), 0.0), third)
     w = dro_class_weights(torch.tensor([0.0, 0.0, 5.0]), 0.1)
     assert w[2] > w[0] and torch.isclose(w[0], w[1])
+
+
+@pytest.mark.parametrize("method", [TRADES(beta=4.0), MART(beta=5.0), DTRADES(), FAAL(r=0.3, base="trades", beta=2.0),
+                                    FAAL(r=0.3, base="mart", beta=2.0)], ids=lambda m: f"{m.name}-{getattr(m, 'base', '')}")
+def test_weighted_kl_is_each_samples_kl_term_of_the_loss(method):
+    """The logged weighted_kl (TensorBoard's train/weighted_kl_mean) is the KL term as the loss weights it,
+    checked against the independent float64 formulas."""
+    model = _model(3)
+    x, x_adv, y = _batch(3)
+    out = _loss(method, model, x, y, AdvBatch(x_adv, None))
+    with torch.no_grad():
+        z, z_adv = model(x), model(x_adv)
+        kl, p_y = _kl(z, z_adv), _probs(z)[torch.arange(len(y)), y]
+    if method.name == "dtrades":
+        weight = out.stats["lambda"]
+    else:
+        base = method.base if method.name == "faal" else method.name
+        weight = method.beta * ((1 - p_y) if base == "mart" else 1)
+        if method.name == "faal":
+            weight = weight * 10 * out.stats["class_weights"].double()[y]
+    torch.testing.assert_close(out.stats["weighted_kl"], weight * kl, rtol=1e-10, atol=1e-14)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastrobust import checkpoint as ck
-from fastrobust import run_folder
+from fastrobust import run_folder, tensorboard_log
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError, TrainingInterrupted
 from fastrobust.methods import MART, TRADES
@@ -164,6 +164,8 @@ def test_a_fresh_run_into_a_run_folder_needs_resume_or_overwrite(run_copy, data_
     assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
     assert _hashes(run_copy) == before
 
+    old_events = {p.name for p in run_copy.glob("events.out.tfevents.*")}
+    assert old_events or not tensorboard_log.available()   # the old run's TensorBoard events: an overwrite removes them
     (run_copy / "notes.txt").write_text("mine")                      # not a run's file: kept
     (run_copy / "eval").mkdir()
     (run_copy / "eval" / "results.json").write_text("{}")            # `fastrobust eval` of the old run
@@ -171,7 +173,9 @@ def test_a_fresh_run_into_a_run_folder_needs_resume_or_overwrite(run_copy, data_
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "--overwrite: deleted the" in done.stdout
     names = {p.relative_to(run_copy).as_posix() for p in run_copy.rglob("*") if p.is_file()}
-    assert names == {".lock", "notes.txt", "manifest.json", "log.jsonl", "epochs.csv", "curves.png",
+    events = {n for n in names if n.startswith("events.out.tfevents.")}
+    assert len(events) == int(tensorboard_log.available()) and not events & old_events   # the new run's events only
+    assert names - events == {".lock", "notes.txt", "manifest.json", "log.jsonl", "epochs.csv", "curves.png",
                      "throughput.json", "throughput.md", "checkpoints/best.pt", "checkpoints/final.pt",
                      "checkpoints/step-00000004.pt", "checkpoints/step-00000008.pt"}   # no old results left
     assert json.loads((run_copy / "manifest.json").read_text())["config"]["seed"] == 5
