@@ -8,7 +8,8 @@ swings by 15% between runs, CPU time much less. Warm-up calls (compilation, JIT)
     fastrobust bench step --methods trades,dtrades --model resnet18 --batch 32 --device cpu
 
 Step variants, per (model, batch): ``fast`` is the training step (:class:`~fastrobust.step.TrainStep`),
-D-TRADES once per sensitivity mode; ``eager ref`` is the same step in its official-code shape (the
+once per step variant its method declares (``Method.bench_variants``: D-TRADES' sensitivity modes);
+``eager ref`` is the same step in its official-code shape (the
 reference loss ops, fp32, no compile, f(x) recomputed at every attack step and a second clean forward
 for the KL target). FLOPs come from ``torch.utils.flop_counter`` on one eager step of each variant.
 The kernel and loader cases are defined beside their code (:mod:`kernels.bench`, :mod:`loaders.bench`).
@@ -26,8 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import TrainConfig
-from .errors import ConfigError
-from .methods import METHODS
+from .errors import ConfigError, unknown_name
+from .methods import METHODS, TRADES, Method
 from .models import create_model
 from .report import atomic_write_text, device_description, markdown_table, versions, write_json
 from .step import TrainStep, resolve_device, sync
@@ -123,9 +124,24 @@ def sample_batch(dataset: str, batch: int, device: torch.device, data_dir: str |
     return x.to(device, memory_format=torch.channels_last), y.to(device)
 
 
-def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Sequence[int], device: str = "auto", *,
-                   dataset: str = "cifar10", sensitivities: Sequence[str] = ("attack", "exact", "func"),
-                   repeats: int = 5, warmup: int = 2, compile: bool | None = None, amp: str = "auto",
+def bench_methods(names: Sequence[str]) -> list[Method]:
+    """``name`` (every variant the method declares) or ``name[variant]`` (that one) -> the methods to time."""
+    out = []
+    for token in names:
+        name, _, variant = token.removesuffix("]").partition("[")
+        if name not in METHODS:
+            raise unknown_name("method", name, METHODS)
+        variants = METHODS[name].bench_variants()
+        chosen = [m for m in variants if not variant or m.variant == variant]
+        if not chosen:
+            raise ConfigError(f"{name} has no step variant {variant!r}; its variants: "
+                              f"{', '.join(m.label for m in variants)}")
+        out += chosen
+    return out
+
+
+def run_step_bench(methods: Sequence[Method], models: Sequence[str], batches: Sequence[int], device: str = "auto", *,
+                   dataset: str = "cifar10", repeats: int = 5, warmup: int = 2, compile: bool | None = None, amp: str = "auto",
                    reference: bool = True, data_dir: str | None = None, attack_steps: int = 10,
                    progress: bool = True, deadline: float | None = None,
                    random_images: bool = False) -> dict[str, Any]:
@@ -139,18 +155,15 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
             torch.manual_seed(0)
             x, y = sample_batch(dataset, batch, dev, data_dir, random_images)
             base = create_model(model_name, dataset=dataset).to(dev, memory_format=torch.channels_last)
-            steps: dict[str, tuple[TrainStep, str, str]] = {}
-            for method in methods:
-                for mode in (sensitivities if method == "dtrades" else (None,)):
-                    m = METHODS[method](**({"sensitivity": mode} if mode else {}))
-                    cfg = TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch, compile=compile,
-                                      attack_steps=attack_steps, amp=amp, device=str(dev)).validate()
-                    name = f"{method}[{mode}]" if mode else method
-                    steps[name] = (TrainStep(cfg, copy.deepcopy(base), dev), method, "fast")
-                    if reference:
-                        ref_cfg = dataclasses.replace(cfg, compile=False, amp="off")
-                        steps[f"{name} eager ref"] = (TrainStep(ref_cfg, copy.deepcopy(base), dev, official_style=True),
-                                                      method, "eager ref")
+            steps: dict[str, tuple[TrainStep, Method, str]] = {}
+            for m in methods:
+                cfg = TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch, compile=compile,
+                                  attack_steps=attack_steps, amp=amp, device=str(dev)).validate()
+                steps[m.label] = (TrainStep(cfg, copy.deepcopy(base), dev), m, "fast")
+                if reference:
+                    ref_cfg = dataclasses.replace(cfg, compile=False, amp="off")
+                    steps[f"{m.label} eager ref"] = (TrainStep(ref_cfg, copy.deepcopy(base), dev, official_style=True),
+                                                     m, "eager ref")
             flops = {}
             for name, (st, _, _) in steps.items():   # FLOPs from one eager step of the same algorithm
                 eager = TrainStep(dataclasses.replace(st.cfg, compile=False), copy.deepcopy(st.model), dev,
@@ -172,16 +185,16 @@ def run_step_bench(methods: Sequence[str], models: Sequence[str], batches: Seque
                 s = t.summary()
                 med[name] = s
                 tflops = flops[name] / s["wall_s"] / 1e12 if flops[name] else None
-                rows.append({"model": model_name, "batch": batch, "variant": name, "method": steps[name][1],
+                rows.append({"model": model_name, "batch": batch, "variant": name, "method": steps[name][1].name,
                              "kind": steps[name][2], "ms_median": 1e3 * s["wall_s"], "ms_q1": 1e3 * s["wall_q1_s"],
                              "ms_q3": 1e3 * s["wall_q3_s"], "cpu_ms_median": 1e3 * s["cpu_s"],
                              "img_per_s": batch / s["wall_s"], "attack_ms": 1e3 * s["attack_s"],
                              "update_ms": 1e3 * s["update_s"], "timed_repeats": s["calls"],
                              "gflop_per_step": flops[name] / 1e9 if flops[name] else None, "tflop_per_s": tflops,
                              "mfu": tflops / peak if tflops and peak else None})
-            for name, (_, method, kind) in steps.items():
-                if kind == "fast" and method == "dtrades" and "trades" in med:
-                    a, b, label = name, "trades", f"{name} / trades"
+            for name, (_, m, kind) in steps.items():
+                if kind == "fast" and m.extends in med:   # a method against the one whose step it extends
+                    a, b, label = name, m.extends, f"{name} / {m.extends}"
                 elif kind == "eager ref":
                     a, b = name.removesuffix(" eager ref"), name
                     label = f"{a} fast / eager ref"
@@ -335,11 +348,12 @@ def precision_markdown(rows: list[dict]) -> str:
 def add_bench_parsers(p_bench: argparse.ArgumentParser) -> None:
     sub = p_bench.add_subparsers(dest="bench_command", required=True)
     p = sub.add_parser("step", help="D-TRADES vs TRADES step cost; fast path vs the official-style eager step")
-    p.add_argument("--methods", default="trades,dtrades", help="comma-separated methods; default: trades,dtrades")
+    p.add_argument("--methods", default="trades,dtrades", help="comma-separated methods, each NAME (every step variant "
+                   "it declares, e.g. D-TRADES' sensitivity modes) or NAME[VARIANT] (e.g. dtrades[attack]); default: "
+                   "trades,dtrades")
     p.add_argument("--model", "--models", dest="models", default="resnet18", help="comma-separated; default: resnet18")
     p.add_argument("--batch", "--batches", dest="batches", default="128", help="comma-separated; default: 128")
     p.add_argument("--dataset", default="cifar10", help="whose test images feed the step; default: cifar10")
-    p.add_argument("--sensitivities", default="attack,exact,func", help="D-TRADES modes; default: attack,exact,func")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; default: 5")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first; default: 2")
     p.add_argument("--attack-steps", type=int, default=10, help="training attack steps; default: 10")
@@ -373,12 +387,8 @@ def run_bench(ns: argparse.Namespace) -> int:
         batches = [int(b) for b in split(ns.batches)]
         if any(b < 1 for b in batches) or ns.repeats < 1:
             raise ConfigError(f"batch sizes and --repeats must be >= 1, got {batches} and {ns.repeats}")
-        for m in split(ns.methods):
-            if m not in METHODS:
-                from .errors import unknown_name
-                raise unknown_name("method", m, METHODS)
-        data = run_step_bench(split(ns.methods), split(ns.models), batches, ns.device, dataset=ns.dataset,
-                              sensitivities=split(ns.sensitivities), repeats=ns.repeats, warmup=ns.warmup,
+        data = run_step_bench(bench_methods(split(ns.methods)), split(ns.models), batches, ns.device, dataset=ns.dataset,
+                              repeats=ns.repeats, warmup=ns.warmup,
                               compile=ns.compile, amp=ns.amp, reference=ns.reference, data_dir=ns.data_dir,
                               attack_steps=ns.attack_steps)
         text = step_markdown(data)
@@ -390,7 +400,7 @@ def run_bench(ns: argparse.Namespace) -> int:
         text = kernel_markdown(data) if data else ""
     else:
         dev = resolve_device(ns.device)
-        step = run_step_bench(["trades"], [ns.step_model], [32 if dev.type == "cpu" else ns.batch_size], str(dev),
+        step = run_step_bench([TRADES()], [ns.step_model], [32 if dev.type == "cpu" else ns.batch_size], str(dev),
                               repeats=2, warmup=1, reference=False, data_dir=ns.data_dir, progress=False)
         consumer = step["rows"][0]["img_per_s"]
         data = run_loader_bench(str(dev), ns.batch_size, split(ns.backends) if ns.backends else None, ns.repeats,

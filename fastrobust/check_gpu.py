@@ -135,8 +135,9 @@ def step_part(device: torch.device, quick: bool, batch: int, repeats: int, data_
         random_images = False
     except DataError:
         random_images = True
-    data = run_step_bench([TRADES.name, DTRADES.name], [model], [8 if quick else batch], str(device), dataset=dataset,
-                          sensitivities=("attack", "exact"), repeats=1 if quick else repeats, warmup=0 if quick else 1,
+    data = run_step_bench([TRADES(), DTRADES(sensitivity="attack"), DTRADES(sensitivity="exact")], [model],
+                          [8 if quick else batch], str(device), dataset=dataset, repeats=1 if quick else repeats,
+                          warmup=0 if quick else 1,
                           attack_steps=1 if quick else 10, progress=False, data_dir=data_dir,
                           random_images=random_images)
     text = step_markdown(data)

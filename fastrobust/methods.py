@@ -72,6 +72,27 @@ class Method:
     objective: ClassVar[str | None] = "kl"   # the training attack's objective; None: clean inputs only
     random_start: ClassVar[str] = "trades"   # x + 0.001 N(0, 1), as in the official TRADES and MART code
     faal_base: ClassVar[bool] = False        # FAAL can reweight this method's per-sample loss per class
+    extends: ClassVar[str | None] = None     # the method whose step this one adds to: the bench's cost ratio
+
+    # What the rest of the library asks a method, so that no method's name or option is read outside its class.
+    @property
+    def double_backward(self) -> bool:
+        """The loss backpropagates twice through the adversarial forward (compile keeps its buffers apart)."""
+        return False
+
+    @property
+    def variant(self) -> str | None:
+        """The option value that changes what a step costs, if any: the bench labels rows name[variant]."""
+        return None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
+
+    @classmethod
+    def bench_variants(cls) -> list["Method"]:
+        """The instances ``fastrobust bench step --methods NAME`` times: one per step cost."""
+        return [cls()]
 
     def validate(self) -> "Method":
         check_fields(self, f"{self.name} ")
@@ -182,6 +203,7 @@ class DTRADES(Method):
     TRADES beta: the paper's min-max lambda averages about 1 while TRADES uses 4 to 6.
     """
     name: ClassVar[str] = "dtrades"
+    extends: ClassVar[str | None] = "trades"
     alpha: float = option(1.0, "weight of the normalised clean entropy H in lambda", low=0)
     beta: float = option(1.0, "weight of the normalised sensitivity s in lambda", low=0)
     norm: str = option("minmax", "batch normalisation of H and s (the paper: minmax)", choices=kernels.NORMALIZE_MODES,
@@ -192,6 +214,18 @@ class DTRADES(Method):
     sync: str = option("local", "under DDP, normalise H and s per process (local, the paper's per-GPU batch) "
                        "or over the global batch", choices=("local", "global"), kind="lambda sync mode")
     entropy_eps: float = option(1e-12, "eps inside log(p + eps) of the entropy", low=0, low_open=True)
+
+    @property
+    def double_backward(self) -> bool:
+        return self.sensitivity == "exact"   # the input gradient at x', then the loss, through one forward
+
+    @property
+    def variant(self) -> str:
+        return self.sensitivity
+
+    @classmethod
+    def bench_variants(cls) -> list["DTRADES"]:
+        return [cls(sensitivity=mode) for mode in ("attack", "exact", "func")]
 
     def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
         z = model(x)

@@ -85,13 +85,14 @@ def sync(device: torch.device) -> None:
 
 
 def compile_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """torch.compile the model. D-TRADES' exact sensitivity backpropagates twice through the adversarial
-    forward (input gradient, then the loss, with retain_graph); inductor's in-place buffer reuse
-    overwrites saved activations in the first backward and silently corrupts the second (seen with
-    torch 2.14 on the CPU: parameter gradients off by 3x; tests/test_trainer.py catches it), so that
-    case compiles without in-place buffers."""
+    """torch.compile the model. A method that backpropagates twice through the adversarial forward
+    (D-TRADES' exact sensitivity: input gradient, then the loss, with retain_graph) declares it
+    (``Method.double_backward``): inductor's in-place buffer reuse overwrites saved activations in the
+    first backward and silently corrupts the second (seen with torch 2.14 on the CPU: parameter
+    gradients off by 3x; tests/test_trainer.py catches it), so such a method compiles without in-place
+    buffers."""
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    if getattr(cfg.method, "sensitivity", None) == "exact":
+    if cfg.method.double_backward:
         options = dict(torch._inductor.list_mode_options(mode)) if mode else {}  # options and mode are exclusive
         options["inplace_buffers"] = False
         return torch.compile(model, options=options)

@@ -208,8 +208,8 @@ def cost_statement(dataset: str, rows: Sequence[str], arch: str, data_dir: str |
     from fastrobust.errors import DataError
     cfg = make_config(dataset, rows[0], arch, "paper", overrides={"data_dir": data_dir} if data_dir else None)
     try:
-        report = run_step_bench([cfg.method.name], [arch], [cfg.batch_size], cfg.device, dataset=dataset, sensitivities=(
-            getattr(cfg.method, "sensitivity", "exact"),), repeats=1, warmup=1, reference=False, data_dir=data_dir,
+        report = run_step_bench([cfg.method], [arch], [cfg.batch_size], cfg.device, dataset=dataset,
+                                repeats=1, warmup=1, reference=False, data_dir=data_dir,
             attack_steps=cfg.attack_steps, progress=False)
     except DataError as e:
         return f"What the paper profile would cost here is unknown (no data to time a step: {e})."

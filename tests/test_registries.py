@@ -75,3 +75,44 @@ def test_the_check_catches_a_copied_list(tmp_path):
     tree = ast.parse("VALID = ('trades', 'dtrades', 'mart')\n")
     (line, names, target), = list(_string_literals(tree))
     assert target == "VALID" and len(set(names) & REGISTRIES["methods"][0]) == 3
+
+
+# -- a method declares what it needs: nothing outside its class reads its name or its options ---------------
+
+METHOD_HOME = "fastrobust/methods.py"
+OPTIONS = {f.name for cls in METHODS.values() for f in __import__("dataclasses").fields(cls)}
+
+
+def _reads_a_method_by_name(tree: ast.AST):
+    """(line, what) of every comparison with a method's name and every getattr of a method's option."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            names = [s.value for s in sides if isinstance(s, ast.Constant) and s.value in METHODS]
+            # against a method or its name (not an attack's random-start kind "trades", which shares it)
+            others = [ast.unparse(s) for s in sides if isinstance(s, (ast.Name, ast.Attribute))]
+            if names and any("method" in o or o.endswith("name") for o in others):
+                yield node.lineno, f"compares with the method name {names[0]!r}"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+            if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in OPTIONS:
+                target = ast.unparse(node.args[0])
+                if "method" in target:
+                    yield node.lineno, f"{node.func.id}({target}, {node.args[1].value!r})"
+
+
+def test_no_method_is_read_by_name_outside_its_class():
+    """Compile's double backward, the bench's variants and the step a method extends are the method's
+    declarations (Method.double_backward, bench_variants, extends): no other module asks which method it
+    is or reads its options by name. Recipes' protocol tables are exempt (they are the paper's cells)."""
+    found = [f"{rel}:{line}: {what}" for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+             if (rel := path.relative_to(REPO).as_posix()) not in EXEMPT | {METHOD_HOME}
+             for line, what in _reads_a_method_by_name(ast.parse(path.read_text()))]
+    assert not found, "a method read by name outside its class (declare it on the method):\n" + "\n".join(found)
+
+
+def test_the_method_check_catches_a_name_test():
+    leaks = ['if getattr(cfg.method, "sensitivity", None) == "exact": pass', 'ok = method == "dtrades"',
+             'ok = "trades" in cfg.method.name']
+    for code in leaks:
+        assert list(_reads_a_method_by_name(ast.parse(code))), code
+    assert not list(_reads_a_method_by_name(ast.parse('ok = cfg.method.double_backward')))

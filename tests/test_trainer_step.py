@@ -24,7 +24,7 @@ import torch.nn as nn  # noqa: E402
 import loaders  # noqa: E402
 from conftest import random_smallcnn  # noqa: E402
 from fastrobust import step as step_module  # noqa: E402
-from fastrobust.bench import run_step_bench, step_markdown  # noqa: E402
+from fastrobust.bench import bench_methods, run_step_bench, step_markdown  # noqa: E402
 from fastrobust.config import TrainConfig  # noqa: E402
 from fastrobust.errors import ConfigError, NumericalError  # noqa: E402
 from fastrobust.methods import METHODS, TRADES  # noqa: E402
@@ -274,8 +274,8 @@ def test_training_from_ffcv_backend(tmp_path, data_dir):
 
 
 def test_step_bench_reports_ratios_and_flops(data_dir):
-    report = run_step_bench(["trades", "dtrades"], ["smallcnn"], [16], "cpu", dataset="mnist",
-                            sensitivities=("attack", "exact"), repeats=1, warmup=1, attack_steps=2,
+    report = run_step_bench(bench_methods(["trades", "dtrades[attack]", "dtrades[exact]"]), ["smallcnn"], [16], "cpu",
+                            dataset="mnist", repeats=1, warmup=1, attack_steps=2,
                             data_dir=str(data_dir), progress=False)
     names = {r["variant"] for r in report["rows"]}
     assert {"trades", "trades eager ref", "dtrades[attack]", "dtrades[exact]", "dtrades[exact] eager ref"} <= names
