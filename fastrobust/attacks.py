@@ -312,9 +312,3 @@ class AutoAttack:
 # Ordered from the weakest to the strongest: the evaluation checks that each RA is at most the previous one's.
 ATTACKS = {"fgsm": FGSM, "pgd": PGD, "autoattack": AutoAttack}
 
-
-def make_attack(name: str, **options):
-    """Build an attack by name (:data:`ATTACKS`); every option is passed explicitly."""
-    if name not in ATTACKS:
-        raise unknown_name("attack", name, ATTACKS)
-    return ATTACKS[name](**options)

@@ -110,14 +110,6 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
     return cfg
 
 
-def parse_train_config(argv: Sequence[str]) -> TrainConfig:
-    """``fastrobust train`` flags -> a validated TrainConfig. Raises ConfigError for a bad value and
-    SystemExit(2) (argparse, with a usage message) for a malformed command line."""
-    parser = argparse.ArgumentParser(prog="fastrobust train")
-    add_train_flags(parser)
-    return config_from_args(parser.parse_args(list(argv))).validate()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrobust", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -44,10 +44,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0)) if is_initialized() else 0
-
-
 def backend() -> str | None:
     """The process group's backend ("nccl", "gloo"), or None without one."""
     return str(dist.get_backend()) if is_initialized() else None

@@ -145,10 +145,6 @@ def model_from_spec(spec: ModelSpec | dict) -> RobustModel:
                         img_size=spec.img_size, mean=spec.mean, std=spec.std)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class _Checkpointable(nn.Module):
     """A block whose forward can be recomputed in the backward (torch.utils.checkpoint, non-reentrant,
     so input gradients for the attacks and double backward keep working)."""

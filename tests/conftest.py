@@ -18,6 +18,17 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def parse_train_config(argv):
+    """``fastrobust train`` flags -> a validated TrainConfig, as the CLI builds it (ConfigError for a bad
+    value, SystemExit(2) from argparse for a malformed command line)."""
+    import argparse
+
+    from fastrobust.cli import add_train_flags, config_from_args
+    parser = argparse.ArgumentParser(prog="fastrobust train")
+    add_train_flags(parser)
+    return config_from_args(parser.parse_args(list(argv))).validate()
+
+
 def _data_dir() -> Path:
     env = os.environ.get("FASTROBUST_DATA")
     return Path(env) if env else (REPO.parent / "shared" / "data")

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_smallcnn
-from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, make_attack, pgd_perturb, random_start
+from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, pgd_perturb, random_start
+from fastrobust.config import EvalConfig
 from fastrobust.errors import ConfigError
 
 
@@ -140,7 +141,7 @@ def test_bad_options_are_rejected_with_names():
     with pytest.raises(ConfigError, match="steps"):
         PGD(eps=0.1, step_size=0.01, steps=0, norm="linf", random_start="uniform", objective="ce")
     with pytest.raises(ConfigError, match="pgd"):
-        make_attack("pdg", eps=0.1)
+        EvalConfig(attacks=("pdg",)).validate()
 
 
 def test_weak_attack_warns():

@@ -26,7 +26,7 @@ import loaders
 import recipes
 from fastrobust.cli import build_parser
 from fastrobust.cli import main as cli_main
-from fastrobust.cli import parse_train_config
+from conftest import parse_train_config
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError
 from fastrobust.methods import METHODS

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from conftest import parse_train_config
 from fastrobust import attacks, cli, models
 from fastrobust.checkpoint import atomic_save, load_model
 from fastrobust.config import EvalConfig, TrainConfig
@@ -43,14 +44,14 @@ def test_a_method_is_one_class(monkeypatch, capsys):
         cli.main(["train", "--help"])
     help_text = capsys.readouterr().out
     assert "--blend-weight" in help_text and "weight of the adversarial cross-entropy" in help_text
-    cfg = cli.parse_train_config(["--dataset", "mnist", "--model", "smallcnn", "--method", "blend",
+    cfg = parse_train_config(["--dataset", "mnist", "--model", "smallcnn", "--method", "blend",
                                   "--blend-weight", "0.25", "--eps", "0.3", "--attack-steps", "2",
                                   "--attack-step-size", "0.15"])
     assert cfg.method == Blend(weight=0.25)
     assert cfg.to_dict()["method"] == {"name": "blend", "weight": 0.25}
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
     assert "blend weight must lie in [0, 1]" in str(pytest.raises(
-        Exception, lambda: cli.parse_train_config(["--method", "blend", "--blend-weight", "2"])).value)
+        Exception, lambda: parse_train_config(["--method", "blend", "--blend-weight", "2"])).value)
     step = TrainStep(dataclasses.replace(cfg, device="cpu"), models.create_model("smallcnn", dataset="mnist"),
                      torch.device("cpu"))
     result = step(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)))
@@ -63,7 +64,7 @@ def test_a_model_is_one_function(monkeypatch, tmp_path):
 
     monkeypatch.setitem(models._REGISTRY, "tiny", tiny)
     assert "tiny" in models.list_models()
-    cfg = cli.parse_train_config(["--dataset", "mnist", "--model", "tiny", "--eps", "0.3"])
+    cfg = parse_train_config(["--dataset", "mnist", "--model", "tiny", "--eps", "0.3"])
     model = models.create_model(cfg.model, dataset="mnist")
     assert model.spec.name == "tiny" and model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     path = atomic_save({"format": "fastrobust-checkpoint/1", "spec": model.spec.to_dict(), "model": model.state_dict()},

@@ -20,7 +20,8 @@ import torch
 
 import recipes
 from fastrobust import checkpoint as ck
-from fastrobust.cli import BROKEN_PIPE_EXIT, exit_quietly_on_broken_pipe, parse_train_config
+from conftest import parse_train_config
+from fastrobust.cli import BROKEN_PIPE_EXIT, exit_quietly_on_broken_pipe
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError, NumericalError
 from fastrobust.evaluate import evaluate, sweep_checks
