@@ -25,6 +25,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 from .models import ModelSpec, RobustModel, model_from_spec
+from .report import atomic_write
 
 FORMAT_NAME = "fastrobust-checkpoint"
 FORMAT_VERSION = 1
@@ -44,29 +45,12 @@ HOW_TO_EVAL_STATE_DICT = ("evaluate it with fastrobust eval --checkpoint FILE --
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
+    """torch.save through the one atomic writer (report.atomic_write)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as e:
-        raise CheckpointError(f"cannot create checkpoint folder {path.parent}: {e.strerror}. "
-                              f"Choose a writable --out-dir.") from e
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint, "
                               f"if any, is untouched. Free disk space or choose another --out-dir.") from e
-    return path
 
 
 def _decodes_as_text(head: bytes, complete: bool) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .report import atomic_write
 
 FORMAT = "fastrobust.points/1"
 FILE = "points.npz"
@@ -63,15 +64,9 @@ def from_evaluation(natural, attacks: dict[str, Any], labels, meta: dict[str, An
 
 def save(points: Points, path: str | Path) -> Path:
     """Write atomically (a reader never sees half a file)."""
-    import os
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, index=points.index, label=points.label, natural=points.natural,
-                            meta=np.array(json.dumps(points.meta, sort_keys=True)), **points.attacks)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: np.savez_compressed(
+        f, index=points.index, label=points.label, natural=points.natural,
+        meta=np.array(json.dumps(points.meta, sort_keys=True)), **points.attacks))
 
 
 def load(path: str | Path) -> Points:

@@ -195,12 +195,12 @@ TRAIN = ["train", "--dataset", "mnist", "--model", "smallcnn", "--no-progress"]
 
 WRITER = r"""
 import sys, time, torch
-from fastrobust import checkpoint as ck
+from fastrobust import checkpoint as ck, report
 folder = sys.argv[1]
 spec = {"name": "smallcnn", "num_classes": 10, "in_chans": 1, "img_size": 28, "mean": [0.0], "std": [1.0]}
 ck.atomic_save({"format": ck.FORMAT, "spec": spec, "model": {"w": torch.ones(3)}, "step": 1}, folder + "/step-00000001.pt")
 
-class Stalls:  # the file object atomic_save writes through: stops for good after 32 MB
+class Stalls:  # the file object atomic_save writes through (report.atomic_write): stops for good after 32 MB
     def __init__(self, f): self.f, self.n = f, 0
     def write(self, b):
         if self.n > 32 << 20:
@@ -212,7 +212,7 @@ class Stalls:  # the file object atomic_save writes through: stops for good afte
     def __enter__(self): return self
     def __exit__(self, *exc): return self.f.__exit__(*exc)
 
-ck.open = lambda *a, **k: Stalls(open(*a, **k))
+report.open = lambda *a, **k: Stalls(open(*a, **k))   # the one atomic writer's open
 big = {"format": ck.FORMAT, "spec": spec, "model": {f"w{i}": torch.randn(1 << 20) for i in range(24)}, "step": 2}  # 96 MB
 ck.atomic_save(big, folder + "/step-00000002.pt")
 print("finished", flush=True)
