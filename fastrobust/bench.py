@@ -31,7 +31,8 @@ from .errors import ConfigError, unknown_name
 from .methods import METHODS, TRADES, Method
 from .models import create_model
 from .report import atomic_write_text, device_description, markdown_table, versions, write_json
-from .step import TrainStep, resolve_device, sync
+from .distributed import resolve_device
+from .step import TrainStep, sync
 
 # Dense peak throughput (TFLOP/s) by GPU name fragment: bf16 tensor cores, and fp32 (non-tensor).
 PEAK_TFLOPS = {"H200": (989.4, 66.9), "H100 PCIe": (756.0, 51.2), "H100": (989.4, 66.9), "A100": (312.0, 19.5),

@@ -216,7 +216,7 @@ def training_part(device: torch.device, quick: bool, batch: int, steps: int, dat
 
 
 def run(ns: argparse.Namespace) -> int:
-    from .step import resolve_device
+    from .distributed import resolve_device
     device = resolve_device(ns.device)
     rep, failed = Report(Path(ns.out)), 0
     parts: list[tuple[str, Callable[[], tuple[Any, str]]]] = [

@@ -185,8 +185,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     from . import zoo   # robustbench itself is imported only for --robustbench
     from .evaluate import evaluate
     from .report import check_output_folder, manifest, results_markdown, save_results, sha256
-    from .train import setup_device
-
+    
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg = EvalConfig(**{k: v for k, v in vars(ns).items() if k in fields and k != "dataset"}).validate()
     out = check_output_folder(ns.out, "--out") if ns.out else None   # before anything is read or evaluated
@@ -214,7 +213,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         name, weights = f"{spec_name} ({Path(ns.checkpoint).name})", ns.checkpoint
     cfg = dataclasses.replace(cfg, dataset=dataset).resolved(train_eps)
     data = loaders.load_arrays(dataset, "test", ns.data_dir)
-    device = setup_device(ns.device)
+    device = dist.resolve_device(ns.device)
     # under torchrun every rank attacks its share of the batches; the result is the single-process one
     result = evaluate(model.to(device), data.images, data.labels, cfg, device, progress=not ns.no_progress)
     if dist.is_main():

@@ -57,6 +57,19 @@ def is_main() -> bool:
     return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The one device resolver. Outside torchrun: "auto" is CUDA when available, else the CPU; a CUDA device
+    without CUDA is an error. Under torchrun: :func:`init_from_env`."""
+    if launched_by_torchrun():
+        return init_from_env(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
 def init_from_env(device: str = "auto") -> torch.device:
     """Join torchrun's process group (idempotent) and return the device this process computes on.
 

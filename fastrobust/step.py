@@ -59,15 +59,6 @@ AMP_PROBATION_STEPS = 3   # bf16 losses checked against fp32 when non-finite dur
 AUTO_COMPILE_DEVICES = ("cuda",)   # where compile=None (auto) compiles
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     mode = "bf16" if cfg.amp == "auto" and device.type == "cuda" else ("off" if cfg.amp == "auto" else cfg.amp)
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]

@@ -58,12 +58,7 @@ from .config import TrainConfig, lr_factor
 from .errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
 from .evaluate import evaluate
 from .models import create_model
-from .step import TrainStep, amp_dtype, compile_wanted, resolve_device
-
-
-def setup_device(name: str) -> torch.device:
-    """Under torchrun, join the process group (NCCL with ``cuda:LOCAL_RANK``, or gloo on the CPU)."""
-    return dist.init_from_env(name) if dist.launched_by_torchrun() else resolve_device(name)
+from .step import TrainStep, amp_dtype, compile_wanted
 
 
 def seed_everything(seed: int) -> None:
@@ -128,7 +123,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, manifest_extra: dict[str, Any] | None = None):
         self.cfg = cfg.validate()
         self.manifest_extra = dict(manifest_extra or {})   # e.g. a recipe's protocol notes, copied into manifest.json
-        self.device = setup_device(cfg.device)
+        self.device = dist.resolve_device(cfg.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
         if cfg.batch_size % self.world:

@@ -288,8 +288,9 @@ def step_cost(configs) -> str:
 
     from fastrobust import report
     from fastrobust.bench import count_flops, interleaved, sample_batch
+    from fastrobust.distributed import resolve_device
     from fastrobust.models import create_model
-    from fastrobust.step import TrainStep, resolve_device
+    from fastrobust.step import TrainStep
     dev = resolve_device(configs[0].device)
     x, y = sample_batch(configs[0].dataset, configs[0].batch_size, dev, configs[0].data_dir)
 

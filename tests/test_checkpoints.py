@@ -36,7 +36,7 @@ from fastrobust.errors import CheckpointError
 from fastrobust.evaluate import evaluate
 from fastrobust.models import create_model
 from fastrobust.report import write_json
-from fastrobust.train import setup_device
+from fastrobust.distributed import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "fastrobust-hypothesis"))
@@ -648,7 +648,7 @@ def test_trades_layout_state_dict_evaluates_identically_through_the_cli(tmp_path
     manifest = json.loads((tmp_path / "cli" / "eval_manifest.json").read_text())
     assert manifest["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))   # the CLI evaluated exactly this
     data = loaders.load_arrays("mnist", "test", data_dir)
-    device = setup_device("auto")
+    device = resolve_device("auto")
     hand = evaluate(_by_hand(state).to(device), data.images, data.labels, cfg, device, progress=False)
     write_json(tmp_path / "hand.json", hand.to_dict())
     assert cli == json.loads((tmp_path / "hand.json").read_text())
