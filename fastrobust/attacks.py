@@ -175,6 +175,7 @@ class PGD:
     objective: str
     early_stop: bool = False
     name: str = "PGD"
+    warn_weak: bool = True   # False where the caller reports a weak attack itself (once, with its context)
 
     def __post_init__(self):
         self.eps = check_eps(self.eps)
@@ -183,7 +184,7 @@ class PGD:
             raise ConfigError(f"{self.name} step size must be > 0, got {self.step_size}")
         _check_names(norm=(self.norm, NORMS, "norm"), start=(self.random_start, RANDOM_STARTS, "random start"),
                      objective=(self.objective, OBJECTIVES, "attack objective"))
-        message = weak_attack_warning(self.eps, self.step_size, self.steps, self.name)
+        message = weak_attack_warning(self.eps, self.step_size, self.steps, self.name) if self.warn_weak else None
         if message:
             warnings.warn(message, stacklevel=3)
 
@@ -202,9 +203,10 @@ class PGD:
 
     @classmethod
     def for_evaluation(cls, cfg: Any) -> "PGD":
-        """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for, or None."""
+        """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for, or None. A weak PGD is
+        reported by the evaluation, which records it in the results."""
         return cls(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
-                   random_start=cfg.pgd_random_start, objective="ce")
+                   random_start=cfg.pgd_random_start, objective="ce", warn_weak=False)
 
     @staticmethod
     def label(cfg: dict) -> str:
@@ -283,8 +285,8 @@ class AutoAttack:
                                     version=self.version, device=device, seed=self.seed,
                                     attacks=list(self.attacks) if self.version == "custom" else None)
             adversary.verbose = False
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings():   # a third-party call: pyautoattack's own deprecation and
+                warnings.simplefilter("ignore")  # version notices, not about this evaluation
                 # pyautoattack reshapes gradients with .view: it needs contiguous (NCHW) inputs
                 x_adv, _ = adversary.run_standard_evaluation(x.to(device).contiguous(), y.to(device),
                                                              batch_size=self.batch_size)

@@ -189,12 +189,13 @@ def _gather_flags(flags: dict[str, torch.Tensor], world: int) -> dict[str, torch
 
 def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
              cfg: EvalConfig, device: str | torch.device = "cpu", progress: bool = True,
-             distributed: bool | None = None) -> EvalResult:
+             distributed: bool | None = None, warn_weak: bool = True) -> EvalResult:
     """Evaluate ``model`` on ``images``/``labels`` (the first ``cfg.num_samples``), in fp32, in eval mode.
 
     ``distributed`` (default: whether a process group with several ranks is initialised): every rank
     calls this with the same model and data, attacks its round-robin share of the batches, and all
-    ranks return the same result, equal to the single-process one."""
+    ranks return the same result, equal to the single-process one. A PGD too weak for its ball is
+    recorded in the result's warnings and, with ``warn_weak``, raised as a warning (rank 0)."""
     cfg = cfg.resolved()   # the radius must be set: evaluation never guesses a threat model
     device = torch.device(device)
     if distributed is None:
@@ -210,11 +211,9 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     pgd_note = weak_attack_warning(cfg.eps, cfg.pgd_step_size, cfg.pgd_steps, f"PGD-{cfg.pgd_steps}")
     if pgd_note and "pgd" in cfg.attacks:
         notes.append(pgd_note)
-        if rank == 0:
+        if rank == 0 and warn_weak:
             warnings.warn(pgd_note, stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the weak-attack note is recorded once above
-        attacks = {a: ATTACKS[a].for_evaluation(cfg) for a in ATTACKS if a in cfg.attacks and _per_batch(a)}
+    attacks = {a: ATTACKS[a].for_evaluation(cfg) for a in ATTACKS if a in cfg.attacks and _per_batch(a)}
     for a in [a for a, attack in attacks.items() if attack is None]:
         notes.append(f"{attack_label(a, dataclasses.asdict(cfg))} does not apply to the {cfg.norm} threat model; skipped.")
         del attacks[a]
@@ -342,10 +341,9 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
     mine = _my_batches(_batches(len(y), cfg.batch_size), rank, world)
     for k, eps in enumerate(tqdm(radii, desc="eval eps-sweep", disable=not progress, leave=False)):
         step = cfg.pgd_step_size * eps / cfg.eps if eps < box else 2.5 * box / cfg.pgd_steps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pgd = PGD(eps=eps, step_size=max(step, 1e-12), steps=cfg.pgd_steps, norm=cfg.norm,
-                      random_start=cfg.pgd_random_start, objective="ce")
+        # the evaluation's PGD with its step scaled to each radius: as strong as that PGD, reported once
+        pgd = PGD(eps=eps, step_size=max(step, 1e-12), steps=cfg.pgd_steps, norm=cfg.norm,
+                  random_start=cfg.pgd_random_start, objective="ce", warn_weak=False)
         for i, sl in mine:
             _seed_batch(cfg.seed, "sweep", k, i)
             xb, yb = x[sl].to(device, memory_format=fmt), y[sl].to(device)

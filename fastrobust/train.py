@@ -205,6 +205,7 @@ class Trainer:
         self.times: list[tuple[float, float, int]] = []
         self.stop_signal: str | None = None
         self.phase = "setup"
+        self.validated = False   # whether this process has run a validation pass (a weak PGD is said once)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -431,9 +432,11 @@ class Trainer:
             return {}
         ev = dataclasses.replace(cfg.eval, attacks=("pgd",), aa_samples=0, sweep_samples=0, num_samples=None,
                                  seed=cfg.seed).resolved(cfg.eps)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = evaluate(self.eval_model(), *self.val, ev, self.device, progress=False, distributed=self.world > 1)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            # a weak validation PGD is said at this process's first validation, not every epoch
+            r = evaluate(self.eval_model(), *self.val, ev, self.device, progress=False, distributed=self.world > 1,
+                         warn_weak=not self.validated)
+        self.validated = True
         return {"val_na": r.na, "val_pgd_ra": r.ra["pgd"], "val_worst_class_pgd_ra": r.worst_class("pgd"),
                 "val_n": r.n}
 

@@ -159,9 +159,9 @@ def test_best_checkpoint_is_chosen_on_held_out_training_images(tmp_path, data_di
     seen = []
     real = train_module.evaluate
 
-    def spy(model, images, labels, cfg, device, progress=True, distributed=None):
+    def spy(model, images, labels, cfg, device, progress=True, distributed=None, **kw):
         seen.append((np.asarray(images), np.asarray(labels), cfg))
-        r = real(model, images, labels, cfg, device, progress=progress, distributed=distributed)
+        r = real(model, images, labels, cfg, device, progress=progress, distributed=distributed, **kw)
         ra, worst = scripted[len(seen) - 1]
         r.ra["pgd"], r.per_class["pgd"] = ra, [worst] + [1.0] * 9
         return r
