@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,36 @@ from .errors import ConfigError, check_eps, check_positive_int, unknown_name
 
 NORMS = kernels.PGD_NORMS                      # "linf", "l2"
 RANDOM_STARTS = ("uniform", "trades", "none")  # in the ball; x + 0.001 N(0, 1) (TRADES, MART); none
-OBJECTIVES = ("ce", "kl")
+
+
+def _ce_objective(logits_adv: torch.Tensor, y: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(fp32(logits_adv), y, reduction="none")
+
+
+def _kl_objective(logits_adv: torch.Tensor, y: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
+    return kl_divergence(log_p, F.log_softmax(fp32(logits_adv), dim=1))
+
+
+def _cw_objective(logits_adv: torch.Tensor, y: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
+    z = fp32(logits_adv)
+    true = z.gather(1, y[:, None]).squeeze(1)
+    other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+class Objective(NamedTuple):
+    """What PGD ascends: ``loss(logits_adv, y, log_p) -> (B,)`` per sample; ``log_p`` is the clean
+    prediction's log-softmax when ``needs_clean`` (else None)."""
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    needs_clean: bool
+
+
+# The attack objectives, by name: adding one is one entry.
+OBJECTIVES: dict[str, Objective] = {
+    "ce": Objective(_ce_objective, False),     # cross-entropy with the label (Madry et al.)
+    "kl": Objective(_kl_objective, True),      # KL(f(x) || f(x')), TRADES' inner maximisation
+    "cw": Objective(_cw_objective, False),     # CW margin max_{j != y} z_j - z_y (Carlini and Wagner 2017)
+}
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 # Under bf16 autocast the TRADES start x + 0.001 N(0, 1) is below the input's resolution (for 43% of the
@@ -128,21 +157,19 @@ def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
             logits = model(x) if clean_logits is None or recompute_clean else clean_logits
             return F.log_softmax(fp32(logits.detach()), dim=1)
 
-    log_p = target() if objective == "kl" else None
+    objective_fn = OBJECTIVES[objective]
+    log_p = target() if objective_fn.needs_clean else None
     x_adv = project(start.detach().to(x.dtype), x, eps, norm).detach()
     grad_norm = torch.zeros(x.shape[0], device=x.device)
     active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for i in range(steps):
-        if objective == "kl" and recompute_clean and i > 0:
+        if objective_fn.needs_clean and recompute_clean and i > 0:
             log_p = target()
         x_adv.requires_grad_(True)
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False) if i < fp32_steps \
                 else contextlib.nullcontext():
             logits_adv = model(x_adv)
-            if objective == "ce":
-                loss = F.cross_entropy(fp32(logits_adv), y, reduction="sum")
-            else:
-                loss = kl_divergence(log_p, F.log_softmax(fp32(logits_adv), dim=1)).sum()
+            loss = objective_fn.loss(logits_adv, y, log_p).sum()
             (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach()
         x_next, grad_norm = kernels.pgd_step(x_adv, grad, x, step_size, eps, norm)
@@ -164,7 +191,7 @@ class PGD:
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball.
 
     ``random_start``: "uniform" (in the ball), "trades" (x + 0.001 N(0, 1)) or "none".
-    ``objective``: "ce" (cross-entropy with the label) or "kl" (KL(f(x) || f(x')), TRADES).
+    ``objective``: a name in :data:`OBJECTIVES` ("ce", "kl" (TRADES), "cw").
     ``early_stop``: freeze each sample at the first iterate that is misclassified.
     """
     eps: float
@@ -206,17 +233,21 @@ class PGD:
         """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for, or None. A weak PGD is
         reported by the evaluation, which records it in the results."""
         return cls(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
-                   random_start=cfg.pgd_random_start, objective="ce", warn_weak=False)
+                   random_start=cfg.pgd_random_start, objective=cfg.pgd_objective, warn_weak=False)
 
     @staticmethod
     def label(cfg: dict) -> str:
-        return f"PGD-{cfg['pgd_steps']}"
+        objective = cfg.get("pgd_objective", "ce")   # results written before the option: ce
+        return f"PGD-{cfg['pgd_steps']}" + ("" if objective == "ce" else f"-{objective.upper()}")
 
     @staticmethod
     def settings(cfg: dict) -> dict:
         """The evaluation options that decide this attack's outcome (two evaluations compare point by
         point only when these agree)."""
-        return {k: cfg[k] for k in ("eps", "norm", "pgd_steps", "pgd_step_size", "pgd_random_start", "seed")}
+        out = {k: cfg[k] for k in ("eps", "norm", "pgd_steps", "pgd_step_size", "pgd_random_start", "seed")}
+        if cfg.get("pgd_objective", "ce") != "ce":   # absent for ce: points files from before the option compare
+            out["pgd_objective"] = cfg["pgd_objective"]
+        return out
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,7 @@ import torch
 import kernels
 import loaders
 
-from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, RANDOM_STARTS
+from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, OBJECTIVES, RANDOM_STARTS
 from .errors import ConfigError, check_radius, radius_bound, unknown_name
 from .methods import TRADES, Method, method_from_dict
 from .models import INPUT_NORMALIZATIONS, list_models
@@ -43,6 +43,8 @@ class EvalConfig:
     pgd_step_size: float | None = option(None, "PGD step size (none: 2.5 eps / steps, which covers the ball)",
                                          low=0, low_open=True)
     pgd_random_start: str = option("uniform", "PGD random start", choices=RANDOM_STARTS, kind="random start")
+    pgd_objective: str = option("ce", "what PGD ascends: ce (cross-entropy), cw (the CW margin) or kl",
+                                choices=OBJECTIVES, kind="attack objective")
     num_samples: int | None = option(None, "first n test points (none: the whole test set)", low=1)
     aa_samples: int = option(1000, "AutoAttack on the first n test points", low=0)
     aa_version: str = option("standard", "AutoAttack version (custom: the attacks in aa_attacks)",

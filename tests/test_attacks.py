@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_smallcnn
-from fastrobust.attacks import FGSM, PGD, AutoAttack, eval_mode, pgd_perturb, random_start
+from fastrobust.attacks import FGSM, OBJECTIVES, PGD, AutoAttack, eval_mode, pgd_perturb, random_start
 from fastrobust.config import EvalConfig
 from fastrobust.errors import ConfigError
 
@@ -226,3 +226,56 @@ def test_recompute_clean_gives_the_same_attack(small_model):
     handle.remove()
     assert n_once == 4 + 1 and len(calls) - n_once == 4 + 4
     assert torch.equal(once.x_adv, every.x_adv)
+
+
+def _objective_formula(name, z, z_adv, y):
+    """Independent float64 formulas of the attack objectives, per sample."""
+    idx = torch.arange(len(y))
+    log_q = z_adv - torch.logsumexp(z_adv, 1, keepdim=True)
+    if name == "ce":
+        return -log_q[idx, y]
+    if name == "kl":
+        log_p = z - torch.logsumexp(z, 1, keepdim=True)
+        return (log_p.exp() * (log_p - log_q)).sum(1)
+    others = z_adv.clone()
+    others[idx, y] = -float("inf")
+    return others.max(1).values - z_adv[idx, y]
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_every_objective_equals_its_float64_formula_with_gradients(name):
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    z_adv = (z + torch.randn(16, 10, generator=g, dtype=torch.float64)).requires_grad_(True)
+    y = torch.randint(0, 10, (16,), generator=g)
+    objective = OBJECTIVES[name]
+    log_p = torch.log_softmax(z, 1) if objective.needs_clean else None
+    got, ref = objective.loss(z_adv, y, log_p), _objective_formula(name, z, z_adv, y)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.rand(16, generator=g, dtype=torch.float64)
+    (g_got,), (g_ref,) = torch.autograd.grad((w * got).sum(), z_adv), torch.autograd.grad((w * ref).sum(), z_adv)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_pgd_ascends_every_objective(name):
+    """A few PGD steps raise the batch's objective well above its value at the start."""
+    model = random_smallcnn(5).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(32, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (32,), generator=g)
+    start = random_start(x, 0.3, "linf", "trades")
+    value = lambda xa: float(_objective_formula(name, model(x).double(), model(xa).double(), y).mean())  # noqa: E731
+    with torch.no_grad():
+        before = value(start)
+    x_adv = pgd_perturb(model, x, y, eps=0.3, step_size=0.05, steps=5, norm="linf", objective=name, start=start).x_adv
+    with torch.no_grad():
+        assert value(x_adv) > before + 1e-3, (name, before, value(x_adv))
+
+
+def test_the_evaluation_pgd_takes_its_objective_from_the_config():
+    cfg = EvalConfig(eps=0.1, pgd_objective="cw").resolved()
+    pgd = PGD.for_evaluation(cfg)
+    assert pgd.objective == "cw" and PGD.label(cfg.__dict__) == "PGD-20-CW"
+    assert PGD.settings(cfg.__dict__)["pgd_objective"] == "cw"
+    assert "pgd_objective" not in PGD.settings(EvalConfig(eps=0.1).resolved().__dict__)   # ce: as before the option
