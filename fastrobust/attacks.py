@@ -7,6 +7,7 @@ option explicitly: there is no hidden default radius or step size to get wrong.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -21,6 +22,7 @@ import kernels
 from kernels.reference import kl_divergence
 
 from .errors import ConfigError, check_eps, check_positive_int, unknown_name
+from .options import check_fields, option
 
 NORMS = kernels.PGD_NORMS                      # "linf", "l2"
 RANDOM_STARTS = ("uniform", "trades", "none")  # in the ball; x + 0.001 N(0, 1) (TRADES, MART); none
@@ -188,41 +190,55 @@ def _check_names(**pairs: tuple[str, tuple[str, ...], str]) -> None:
 
 @dataclass(kw_only=True)
 class PGD:
-    """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball.
+    """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball: the evaluation's PGD and,
+    as ``TrainConfig.attack``, the training attack (one class, one set of checks).
 
-    ``random_start``: "uniform" (in the ball), "trades" (x + 0.001 N(0, 1)) or "none".
-    ``objective``: a name in :data:`OBJECTIVES` ("ce", "kl" (TRADES), "cw").
-    ``early_stop``: freeze each sample at the first iterate that is misclassified.
+    ``random_start``: "uniform" (in the ball), "trades" (x + 0.001 N(0, 1)) or "none"; ``objective``: a
+    name in :data:`OBJECTIVES` ("ce", "kl" (TRADES), "cw"). In a training config either may be None: the
+    training method's own (:meth:`for_method`). ``early_stop``: freeze each sample at its first
+    misclassified iterate. A weak attack (steps x step size < eps) warns at its first call; the trainer
+    and the evaluation say it once themselves, with their context, and record it.
     """
-    eps: float
-    step_size: float
-    steps: int
-    norm: str
-    random_start: str
-    objective: str
-    early_stop: bool = False
-    name: str = "PGD"
-    warn_weak: bool = True   # False where the caller reports a weak attack itself (once, with its context)
+    eps: float = option(help="radius", low=0)
+    step_size: float = option(help="step size", low=0, low_open=True)
+    steps: int = option(help="steps", low=1)
+    norm: str = option("linf", "threat model", choices=NORMS)
+    random_start: str | None = option(None, "first iterate (none: the training method's)", choices=RANDOM_STARTS,
+                                      kind="random start")
+    objective: str | None = option(None, "what the attack ascends (none: the training method's)", choices=OBJECTIVES,
+                                   kind="attack objective")
+    early_stop: bool = option(False, "freeze each sample at its first misclassified iterate")
+    name: ClassVar[str] = "PGD"
 
     def __post_init__(self):
-        self.eps = check_eps(self.eps)
-        self.steps = check_positive_int(self.steps, f"{self.name} steps")
-        if not self.step_size > 0:
-            raise ConfigError(f"{self.name} step size must be > 0, got {self.step_size}")
-        _check_names(norm=(self.norm, NORMS, "norm"), start=(self.random_start, RANDOM_STARTS, "random start"),
-                     objective=(self.objective, OBJECTIVES, "attack objective"))
-        message = weak_attack_warning(self.eps, self.step_size, self.steps, self.name) if self.warn_weak else None
-        if message:
-            warnings.warn(message, stacklevel=3)
+        check_fields(self, "attack ")
+        self._weakness_said = False
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                clean_logits: torch.Tensor | None = None) -> PGDResult:
+    def weakness(self) -> str | None:
+        return weak_attack_warning(self.eps, self.step_size, self.steps, f"{self.name}-{self.steps}")
+
+    def for_method(self, method: Any) -> "PGD":
+        """This attack with the objective and random start the training method declares where None here."""
+        return dataclasses.replace(self, objective=self.objective or method.objective,
+                                   random_start=self.random_start or method.random_start)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clean_logits: torch.Tensor | None = None,
+                start: torch.Tensor | None = None, recompute_clean: bool = False, fp32_steps: int = 0) -> PGDResult:
+        """The attack from ``start`` (default: a fresh random start), in eval mode."""
+        if self.objective is None or self.random_start is None:
+            raise ConfigError("this PGD names no objective or random start (none means the training method's): "
+                              "pass objective= and random_start=, or use attack.for_method(method).")
+        if start is None:
+            start = random_start(x, self.eps, self.norm, self.random_start)
         with eval_mode(model):
             return pgd_perturb(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
                                objective=self.objective, early_stop=self.early_stop, clean_logits=clean_logits,
-                               start=random_start(x, self.eps, self.norm, self.random_start))
+                               start=start, recompute_clean=recompute_clean, fp32_steps=fp32_steps)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self._weakness_said and (message := self.weakness()):
+            warnings.warn(message, stacklevel=2)
+        self._weakness_said = True
         return self.perturb(model, x, y).x_adv
 
     # The evaluation's view of an attack (every registered attack has these three):
@@ -230,10 +246,12 @@ class PGD:
 
     @classmethod
     def for_evaluation(cls, cfg: Any) -> "PGD":
-        """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for, or None. A weak PGD is
-        reported by the evaluation, which records it in the results."""
-        return cls(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
-                   random_start=cfg.pgd_random_start, objective=cfg.pgd_objective, warn_weak=False)
+        """The attack an :class:`~fastrobust.config.EvalConfig` (resolved) asks for. A weak PGD is said
+        by the evaluation, which records it in the results, so the attack itself stays quiet."""
+        pgd = cls(eps=cfg.eps, step_size=cfg.pgd_step_size, steps=cfg.pgd_steps, norm=cfg.norm,
+                  random_start=cfg.pgd_random_start, objective=cfg.pgd_objective)
+        pgd._weakness_said = True
+        return pgd
 
     @staticmethod
     def label(cfg: dict) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .attacks import PGD
 from .config import TrainConfig
 from .errors import ConfigError, unknown_name
 from .methods import METHODS, TRADES, Method
@@ -159,7 +160,8 @@ def run_step_bench(methods: Sequence[Method], models: Sequence[str], batches: Se
             steps: dict[str, tuple[TrainStep, Method, str]] = {}
             for m in methods:
                 cfg = TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch, compile=compile,
-                                  attack_steps=attack_steps, amp=amp, device=str(dev)).validate()
+                                  attack=PGD(eps=0.031, step_size=0.007, steps=attack_steps), amp=amp,
+                                  device=str(dev)).validate()
                 steps[m.label] = (TrainStep(cfg, copy.deepcopy(base), dev), m, "fast")
                 if reference:
                     ref_cfg = dataclasses.replace(cfg, compile=False, amp="off")

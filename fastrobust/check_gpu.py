@@ -148,6 +148,7 @@ def step_part(device: torch.device, quick: bool, batch: int, repeats: int, data_
 
 def memory_part(device: torch.device, quick: bool, batch: int, models: list[str],
                 normalization: str = "dataset") -> tuple[list, str]:
+    from .attacks import PGD
     from .config import TrainConfig
     from .methods import DTRADES
     from .models import create_model
@@ -158,7 +159,8 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
         m = create_model(name, dataset=dataset, normalization=normalization).to(device, memory_format=torch.channels_last)
         cfg = TrainConfig(dataset=dataset, model=name, method=DTRADES(sensitivity="exact"), amp="bf16",
                           input_normalization=normalization,
-                          compile=False, device=str(device), attack_steps=1 if quick else 10).validate()
+                          compile=False, device=str(device),
+                          attack=PGD(eps=0.031, step_size=0.007, steps=1 if quick else 10)).validate()
         step = TrainStep(cfg, m, device)
         x = torch.rand(8 if quick else batch, m.spec.in_chans, m.spec.img_size, m.spec.img_size,
                        device=device).to(memory_format=torch.channels_last)
@@ -179,6 +181,7 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
 
 def training_part(device: torch.device, quick: bool, batch: int, steps: int, data_dir: str | None,
                   normalization: str = "dataset") -> tuple[dict, str]:
+    from .attacks import PGD
     from .config import TrainConfig
     from .methods import DTRADES
     from .models import create_model
@@ -187,7 +190,7 @@ def training_part(device: torch.device, quick: bool, batch: int, steps: int, dat
     steps, batch = (4, 8) if quick else (steps, batch)
     cfg = TrainConfig(dataset=dataset, model=model, method=DTRADES(sensitivity="attack"), batch_size=batch,
                       input_normalization=normalization, amp="auto", compile=None, device=str(device),
-                      attack_steps=1 if quick else 10).validate()
+                      attack=PGD(eps=0.031, step_size=0.007, steps=1 if quick else 10)).validate()
     try:
         import loaders
         batches = loaders.build(dataset, "train", batch, device, data_dir=data_dir, drop_last=True)

@@ -231,8 +231,10 @@ def _structure_problem(obj: dict) -> str | None:
     config = obj.get("config") or {}
     if not isinstance(config, dict):
         return "its 'config' entry is not a mapping"
-    if not isinstance(config.get("dataset", ""), str) or not isinstance(config.get("eps", 0.0), (int, float, type(None))):
-        return f"config dataset {config.get('dataset')!r} / eps {config.get('eps')!r}"   # what eval reads from it
+    from .config import training_radius
+    radius = training_radius(config)
+    if not isinstance(config.get("dataset", ""), str) or not isinstance(radius, (int, float, type(None))):
+        return f"config dataset {config.get('dataset')!r} / eps {radius!r}"   # what eval reads from it
     return None
 
 

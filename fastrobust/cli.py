@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 
 import kernels
 
-from .config import EvalConfig, TrainConfig
+from .attacks import PGD
+from .config import EvalConfig, TrainConfig, training_radius
 from .errors import ConfigError, FastRobustError
 from .methods import METHODS
 from .models import NORMALIZATIONS, list_models
@@ -56,21 +57,28 @@ def _parser_for(tp: Any, name: str) -> Callable[[str], Any]:
     return (lambda s: None if s.strip().lower() == "none" else conv(s)) if optional else conv
 
 
-def add_fields(parser: argparse._ActionsContainer, cls: type, prefix: str = "", skip: Sequence[str] = ()) -> None:
-    """One flag per dataclass field: ``--{prefix}{field}``, stored as ``{prefix}{field}``."""
+# Short spellings of the training attack's radius and threat model (the flags every protocol sets).
+ATTACK_ALIASES = {"attack_eps": "--eps", "attack_norm": "--norm"}
+
+
+def add_fields(parser: argparse._ActionsContainer, cls: type, prefix: str = "", skip: Sequence[str] = (),
+               aliases: dict[str, str] | None = None, defaults: Any = None) -> None:
+    """One flag per dataclass field: ``--{prefix}{field}`` (and ``aliases[dest]``), stored as ``{prefix}{field}``;
+    ``defaults``: the instance whose values the help shows as defaults (else the fields' own)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.name in skip or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             continue
         dest = (prefix + f.name).replace("-", "_")
-        flag = "--" + dest.replace("_", "-")
+        flags = ["--" + dest.replace("_", "-")] + ([aliases[dest]] if aliases and dest in aliases else [])
+        shown = help_text(f, getattr(defaults, f.name) if defaults is not None else dataclasses.MISSING)
         if base_type(tp)[0] is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text(f))
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=shown)
         else:
-            parser.add_argument(flag, dest=dest, type=_parser_for(tp, dest.replace("_", "-")), default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=help_text(f))
+            parser.add_argument(*flags, dest=dest, type=_parser_for(tp, dest.replace("_", "-")),
+                                default=argparse.SUPPRESS, metavar=f.name.upper(), help=shown)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +88,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, cls in sorted(METHODS.items()):
         if dataclasses.fields(cls):
             add_fields(parser.add_argument_group(f"{name} options (with --method {name})"), cls, prefix=f"{name}_")
+    add_fields(parser.add_argument_group("training attack (PGD)"), PGD, prefix="attack_", aliases=ATTACK_ALIASES,
+               defaults=TrainConfig().attack)
     add_fields(parser.add_argument_group("evaluation options"), EvalConfig, prefix="eval_", skip=("dataset",))
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the configuration, print it as JSON and exit (no data is loaded)")
@@ -89,8 +99,11 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
     """The flags of ``ns`` over ``base`` (default: TrainConfig()); not validated."""
     cfg = dataclasses.replace(base or TrainConfig())
     values = vars(ns)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval", "method"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval", "method", "attack"}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in fields})
+    attack = {f.name for f in dataclasses.fields(PGD)}
+    cfg.attack = dataclasses.replace(cfg.attack, **{k[7:]: v for k, v in values.items() if k[:7] == "attack_"
+                                                    and k[7:] in attack})
     evals = {f.name for f in dataclasses.fields(EvalConfig)}
     cfg.eval = dataclasses.replace(cfg.eval, **{k[5:]: v for k, v in values.items() if k[:5] == "eval_" and k[5:] in evals})
     name = values.get("method", cfg.method.name)
@@ -269,7 +282,7 @@ def _model_of_checkpoint(ns: argparse.Namespace, out: Path | None) -> tuple[Any,
         expected = {"num_classes": ns.num_classes or info.num_classes, "in_chans": info.channels,
                     "img_size": info.size, **({"name": ns.model} if ns.model else {})}
         model, _ = ck.load_model(ns.checkpoint, expected=expected, weights=ns.weights, ckpt=ckpt)
-        train_eps, spec_name = (ckpt.get("config") or {}).get("eps"), ckpt["spec"]["name"]
+        train_eps, spec_name = training_radius(ckpt.get("config") or {}), ckpt["spec"]["name"]
     return model, train_eps, spec_name, dataset, out
 
 

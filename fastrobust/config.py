@@ -18,7 +18,7 @@ import torch
 import kernels
 import loaders
 
-from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, OBJECTIVES, RANDOM_STARTS
+from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, OBJECTIVES, PGD, RANDOM_STARTS
 from .errors import ConfigError, check_radius, radius_bound, unknown_name
 from .methods import TRADES, Method, method_from_dict
 from .models import INPUT_NORMALIZATIONS, list_models
@@ -29,6 +29,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SELECTION_METRICS = ("pgd_ra", "worst_class_pgd_ra")
 MAX_SEED = 2**63
+# The training attack's fields by their flat names: recipe overrides (the CLI's --eps, --norm, --attack-steps,
+# --attack-step-size) and the configs run folders recorded before TrainConfig.attack held them.
+FLAT_ATTACK_KEYS = {"eps": "eps", "norm": "norm", "attack_steps": "steps", "attack_step_size": "step_size"}
 
 
 @dataclass
@@ -109,11 +112,8 @@ class TrainConfig:
                                               "TRADES/MART code counts them) from which lr is multiplied by "
                                               "lr_gamma once more", low=0)
     lr_gamma: float = option(0.1, "piecewise: the factor at each milestone", low=0, low_open=True)
-    # the training attack
-    norm: str = option("linf", "training attack's threat model", choices=NORMS)
-    eps: float = option(0.031, "training attack's radius", low=0)
-    attack_steps: int = option(10, "training attack's PGD steps", low=1)
-    attack_step_size: float = option(0.007, "training attack's step size", low=0, low_open=True)
+    attack: PGD = option(help="the training attack (objective and random start: the method's unless set)",
+                         factory=lambda: PGD(eps=0.031, step_size=0.007, steps=10))
     select_by: str = option("pgd_ra", "validation metric that picks best.pt (FAAL's official code: "
                             "worst_class_pgd_ra)", choices=SELECTION_METRICS, kind="selection metric")
     # engineering
@@ -162,6 +162,8 @@ class TrainConfig:
             raise ConfigError(f"method must be a method name or a Method, got {self.method!r}")
         if not isinstance(self.eval, EvalConfig):
             raise ConfigError(f"eval must be an EvalConfig, got {type(self.eval).__name__}")
+        if not isinstance(self.attack, PGD):
+            raise ConfigError(f"attack must be a PGD (the training attack), got {type(self.attack).__name__}")
         check_fields(self)
         self.method.validate()
         _check_device(self.device)
@@ -169,16 +171,18 @@ class TrainConfig:
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{name} must not be an empty string; pass a path.")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
-        check_radius(self.eps, self.norm, self.dataset, "eps")
+        attack = self.attack
+        check_radius(attack.eps, attack.norm, self.dataset, "eps")
         self.eval = dataclasses.replace(self.eval, dataset=self.dataset)
         try:
-            self.eval.resolved(self.eps)
+            self.eval.resolved(attack.eps)
         except ConfigError as e:
-            if self.eval.eps is None and self.eval.norm != self.norm:   # the default radius, in another norm
+            if self.eval.eps is None and self.eval.norm != attack.norm:   # the default radius, in another norm
                 bound = radius_bound(self.eval.norm, self.dataset)
-                raise ConfigError(f"the evaluation takes the training radius {self.eps:g} ({self.norm}) by default, "
-                                  f"but in its own norm, {self.eval.norm}, where radii above {bound:.4g} are out of "
-                                  f"range on {self.dataset}: pass --eval-norm {self.norm}, or an --eval-eps.") from e
+                raise ConfigError(f"the evaluation takes the training radius {attack.eps:g} ({attack.norm}) by "
+                                  f"default, but in its own norm, {self.eval.norm}, where radii above {bound:.4g} are "
+                                  f"out of range on {self.dataset}: pass --eval-norm {attack.norm}, or an "
+                                  f"--eval-eps.") from e
             raise
         return self
 
@@ -193,10 +197,15 @@ class TrainConfig:
         with suggestions. Values are not validated here: call ``validate()``."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a mapping of field names to values, got {type(d).__name__}")
-        d = dict(d)
+        d = upgraded(d)
         _check_keys(d, cls, "config key")
-        ev = d.pop("eval", None)
+        ev, attack = d.pop("eval", None), d.pop("attack", None)
         cfg = cls(**d)
+        if isinstance(attack, dict):
+            _check_keys(attack, PGD, "attack config key")
+            cfg.attack = PGD(**{**dataclasses.asdict(cfg.attack), **attack})
+        elif attack is not None:
+            cfg.attack = attack   # validate() says what is wrong with anything but a PGD
         if isinstance(ev, dict):
             _check_keys(ev, EvalConfig, "eval config key")
             cfg.eval = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ev.items()})
@@ -210,6 +219,23 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def upgraded(d: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping with its flat training-attack keys (:data:`FLAT_ATTACK_KEYS`) moved under "attack"."""
+    d = dict(d)
+    flat = {FLAT_ATTACK_KEYS[k]: d.pop(k) for k in FLAT_ATTACK_KEYS if k in d}
+    if flat:
+        attack = d.get("attack")
+        d["attack"] = {**(dataclasses.asdict(attack) if isinstance(attack, PGD) else
+                          attack if isinstance(attack, dict) else {}), **flat}
+    return d
+
+
+def training_radius(record: dict[str, Any]) -> Any:
+    """The training attack's eps in a recorded config (a checkpoint's, a manifest's), or None."""
+    attack = upgraded(record).get("attack")
+    return attack.get("eps") if isinstance(attack, dict) else None
 
 
 def lr_factor(cfg: TrainConfig, epoch: int, epoch_fraction: float = 0.0) -> float:

@@ -343,11 +343,11 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
         step = cfg.pgd_step_size * eps / cfg.eps if eps < box else 2.5 * box / cfg.pgd_steps
         # the evaluation's PGD with its step scaled to each radius: as strong as that PGD, reported once
         pgd = PGD(eps=eps, step_size=max(step, 1e-12), steps=cfg.pgd_steps, norm=cfg.norm,
-                  random_start=cfg.pgd_random_start, objective=cfg.pgd_objective, warn_weak=False)
+                  random_start=cfg.pgd_random_start, objective=cfg.pgd_objective)
         for i, sl in mine:
             _seed_batch(cfg.seed, "sweep", k, i)
             xb, yb = x[sl].to(device, memory_format=fmt), y[sl].to(device)
-            hits[k] += int((predict(model, pgd(model, xb, yb)) == yb).sum())
+            hits[k] += int((predict(model, pgd.perturb(model, xb, yb).x_adv) == yb).sum())
     if world > 1:
         hits = dist.all_reduce(hits, "sum")
     return [{"eps": eps, "ra": int(h) / len(y), "n": len(y)} for eps, h in zip(radii, hits)]

@@ -121,13 +121,15 @@ def check_fields(obj: Any, prefix: str = "") -> None:
                 check_range(v, f.metadata, name, isinstance(v, int))
 
 
-def help_text(f: dataclasses.Field) -> str:
-    """One line for ``--help``: the description, the valid names and the default."""
+def help_text(f: dataclasses.Field, default: Any = dataclasses.MISSING) -> str:
+    """One line for ``--help``: the description, the valid names and the default (``default``: where
+    the field's own is not the one that applies, e.g. the training attack's)."""
     parts = [f.metadata.get("help", "")]
     valid = choices_of(f)
     if valid is not None:
         parts.append(f"one of {', '.join(valid)}")
-    default = f.default if f.default is not dataclasses.MISSING else "(see description)"
+    default = f.default if default is dataclasses.MISSING else default
+    default = default if default is not dataclasses.MISSING else "(see description)"
     if isinstance(default, tuple):
         default = ",".join(str(v) for v in default) or "(empty)"
     parts.append(f"default: {'none' if default is None else default}")

@@ -119,7 +119,8 @@ def _show(value: Any) -> str:
 def compare_configs(old: dict, new: dict) -> tuple[list[str], dict[str, list]]:
     """``(training, allowed)``: the differences that change the trained model, as ``field: old -> new``
     lines, and the others as ``{field: [old, new]}`` (:data:`START_OPTIONS` left out)."""
-    old_flat, new_flat = _flat(old), _flat(new)
+    from .config import upgraded
+    old_flat, new_flat = _flat(upgraded(old)), _flat(upgraded(new))   # records from before TrainConfig.attack too
     defaults = _defaults(old_flat.get("method.name"))
     method_changed = old_flat.get("method.name") != new_flat.get("method.name")
     training, allowed = [], {}

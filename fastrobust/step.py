@@ -38,7 +38,7 @@ import kernels
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .attacks import FP32_STEPS_UNDER_AMP, eval_mode, pgd_perturb, random_start
+from .attacks import FP32_STEPS_UNDER_AMP, random_start
 from .config import TrainConfig
 from .errors import ConfigError, FastRobustError, NumericalError
 from .methods import AdvBatch, MethodOutput
@@ -125,6 +125,8 @@ class TrainStep:
         self.applied_scale: float | None = None   # the loss scale of the last applied fp16 step
         self.overflows_in_a_row = 0
         self.method = cfg.method
+        # the training attack; a method with no objective trains on clean inputs
+        self.pgd = cfg.attack.for_method(cfg.method) if cfg.method.objective else None
         self.backend = "reference" if official_style else cfg.kernels
         want_compile = compile_wanted(cfg, device)
         self.compile_pending = want_compile   # compiled, and not yet run once
@@ -146,18 +148,18 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def attack(self, x: torch.Tensor, y: torch.Tensor, step: int) -> AdvBatch:
-        """The training attack of ``method``, from the per-sample start of step ``step``."""
-        m, cfg = self.method, self.cfg
-        if m.objective is None:
+        """The training attack (``cfg.attack`` with the method's objective and start where it names none),
+        from the per-sample start of step ``step``."""
+        pgd = self.pgd
+        if pgd is None:
             return AdvBatch(None)
         g = torch.Generator(device=x.device)
-        g.manual_seed(dist.derive_seed(cfg.seed, "attack-start", step))
-        start = random_start(x, cfg.eps, cfg.norm, m.random_start, generator=g, rank=self.rank, world_size=self.world)
-        fp32_steps = FP32_STEPS_UNDER_AMP if self.amp is not None and m.random_start == "trades" else 0
-        with eval_mode(self.net), self.autocast():
-            res = pgd_perturb(self.net, x, y, eps=cfg.eps, step_size=cfg.attack_step_size, steps=cfg.attack_steps,
-                              norm=cfg.norm, objective=m.objective, start=start, recompute_clean=self.official_style,
-                              fp32_steps=fp32_steps)
+        g.manual_seed(dist.derive_seed(self.cfg.seed, "attack-start", step))
+        start = random_start(x, pgd.eps, pgd.norm, pgd.random_start, generator=g, rank=self.rank,
+                             world_size=self.world)
+        fp32_steps = FP32_STEPS_UNDER_AMP if self.amp is not None and pgd.random_start == "trades" else 0
+        with self.autocast():
+            res = pgd.perturb(self.net, x, y, start=start, recompute_clean=self.official_style, fp32_steps=fp32_steps)
         return AdvBatch(res.x_adv, res.last_grad_norm)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, adv: AdvBatch, amp: bool = True) -> MethodOutput:

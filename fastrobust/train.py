@@ -53,7 +53,6 @@ from . import distributed as dist
 from . import report
 from . import run_folder
 from . import tensorboard_log
-from .attacks import weak_attack_warning
 from .config import TrainConfig, lr_factor
 from .errors import CheckpointError, ConfigError, NumericalError, TrainingInterrupted
 from .evaluate import evaluate
@@ -146,8 +145,7 @@ class Trainer:
         self.tensorboard: tensorboard_log.TensorBoardLog | None = None   # opened once the folder is claimed
         seed_everything(cfg.seed)
         self.warnings: list[str] = []
-        note = weak_attack_warning(cfg.eps, cfg.attack_step_size, cfg.attack_steps,
-                                   f"training attack PGD-{cfg.attack_steps}") if cfg.method.objective else None
+        note = f"training attack {cfg.attack.weakness()}" if cfg.method.objective and cfg.attack.weakness() else None
         if note:
             self.warnings.append(note)
             if self.main:
@@ -431,7 +429,7 @@ class Trainer:
         if not cfg.val_samples:
             return {}
         ev = dataclasses.replace(cfg.eval, attacks=("pgd",), aa_samples=0, sweep_samples=0, num_samples=None,
-                                 seed=cfg.seed).resolved(cfg.eps)
+                                 seed=cfg.seed).resolved(cfg.attack.eps)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             # a weak validation PGD is said at this process's first validation, not every epoch
             r = evaluate(self.eval_model(), *self.val, ev, self.device, progress=False, distributed=self.world > 1,
@@ -553,7 +551,7 @@ class Trainer:
         summary: dict[str, Any] = {"out_dir": str(self.out), "throughput": tp, "history": self.history}
         if cfg.final_eval:
             test = loaders.load_arrays(cfg.dataset, "test", cfg.data_dir)
-            result = evaluate(self.eval_model(), test.images, test.labels, cfg.eval.resolved(cfg.eps), self.device,
+            result = evaluate(self.eval_model(), test.images, test.labels, cfg.eval.resolved(cfg.attack.eps), self.device,
                               progress=cfg.progress and self.main, distributed=self.world > 1)
             result.warnings[:0] = self.warnings
             final = self.ckpt_dir / "final.pt"

@@ -109,6 +109,8 @@ def make_config(dataset: str, row: str, arch: str, profile: str, root: str | Pat
         else overrides.pop("eval")
     if not isinstance(ev, dict):
         raise ConfigError(f"eval overrides must be a mapping of evaluation options, got {ev!r}")
+    if isinstance(overrides.get("attack"), dict):   # merged into the profile's training attack, as eval is
+        overrides["attack"] = {**values.get("attack", {}), **overrides["attack"]}
     values.update(overrides)
     if "seed" in overrides:
         raise ConfigError("the training seed is an axis of the recipes: pass --seeds 3 (or 0,1,2), not --set seed=3.")
@@ -210,7 +212,7 @@ def cost_statement(dataset: str, rows: Sequence[str], arch: str, data_dir: str |
     try:
         report = run_step_bench([cfg.method], [arch], [cfg.batch_size], cfg.device, dataset=dataset,
                                 repeats=1, warmup=1, reference=False, data_dir=data_dir,
-            attack_steps=cfg.attack_steps, progress=False)
+                                attack_steps=cfg.attack.steps, progress=False)
     except DataError as e:
         return f"What the paper profile would cost here is unknown (no data to time a step: {e})."
     seconds = report["rows"][0]["ms_median"] / 1e3

@@ -90,16 +90,16 @@ PAPER = Profile(
     cells=grid(("cifar10", "mnist"), PAPER_ROWS),
     data={
         "cifar10": dict(**SGD, epochs=100, lr=0.1, lr_schedule="piecewise", lr_milestones=(90, 100), weight_decay=2e-4,
-                        eps=0.031, attack_steps=10, attack_step_size=0.007, input_normalization="none"),
+                        attack=dict(eps=0.031, steps=10, step_size=0.007), input_normalization="none"),
         "mnist":   dict(**SGD, epochs=50, lr=0.01, lr_schedule="constant", weight_decay=0.0,
-                        eps=0.3, attack_steps=20, attack_step_size=0.01, input_normalization="none"),
+                        attack=dict(eps=0.3, steps=20, step_size=0.01), input_normalization="none"),
     },
     rows=PAPER_ROWS,
     eval=PAPER_EVAL,
 )
 
 FAAL_FINETUNE = dict(epochs=2, lr=0.01, lr_schedule="piecewise", lr_milestones=(2,), weight_decay=5e-4,
-                     eps=8 / 255, attack_steps=10, attack_step_size=2 / 255, select_by="worst_class_pgd_ra")
+                     attack=dict(eps=8 / 255, steps=10, step_size=2 / 255), select_by="worst_class_pgd_ra")
 OFFICIAL = Profile(
     name="official",
     cells=grid(("cifar10", "mnist"), ("trades",)) + grid(("cifar10",), ("mart",))
@@ -107,10 +107,10 @@ OFFICIAL = Profile(
     data={
         # raw [0, 1] inputs: the official TRADES, MART and FAAL code feeds transforms.ToTensor() straight in
         "cifar10": dict(**SGD, epochs=76, lr=0.1, lr_schedule="piecewise", lr_milestones=(75, 90, 100),
-                        weight_decay=2e-4, eps=0.031, attack_steps=10, attack_step_size=0.007,
+                        weight_decay=2e-4, attack=dict(eps=0.031, steps=10, step_size=0.007),
                         input_normalization="none"),
         "mnist":   dict(**SGD, epochs=100, lr=0.01, lr_schedule="piecewise", lr_milestones=(55, 75, 90),
-                        weight_decay=0.0, eps=0.3, attack_steps=40, attack_step_size=0.01, input_normalization="none"),
+                        weight_decay=0.0, attack=dict(eps=0.3, steps=40, step_size=0.01), input_normalization="none"),
     },
     rows={"trades": TRADES(beta=6.0), "mart": MART(beta=5.0), "faal": FAAL(r=0.5, base="at")},
     eval={"cifar10": dict(eps=0.031, pgd_steps=20, pgd_step_size=0.003), "mnist": dict(eps=0.3, pgd_steps=40,
@@ -145,7 +145,7 @@ SMOKE = Profile(
           for d, r, a in PAPER.cells if d == "mnist" and a != "smallcnn"},
 )
 
-CPU_DATA = dict(**SGD, lr=0.05, lr_schedule="cosine", weight_decay=0.0, eps=0.1, attack_steps=5, attack_step_size=0.025)
+CPU_DATA = dict(**SGD, lr=0.05, lr_schedule="cosine", weight_decay=0.0, attack=dict(eps=0.1, steps=5, step_size=0.025))
 CPU_EVAL = dict(eps=0.1, pgd_steps=40, pgd_step_size=0.01, num_samples=1000, aa_version="standard", aa_samples=200,
                 sweep_samples=200)
 DEMO = Profile(
@@ -172,8 +172,8 @@ CPU = Profile(
 # the first 30,000 training images (234 steps) and standard AutoAttack on the first 100 test points. Measured
 # at that length: TRADES' AutoAttack RA 16% (PGD-40 40%), below saturation but also below the 40-90% band a
 # longer run would reach (validation PGD-40 RA was still rising); a longer profile needs more machine time.
-EPS03_DATA = dict(**SGD, lr=0.05, lr_schedule="cosine", weight_decay=0.0, eps=0.3, attack_steps=10,
-                  attack_step_size=0.04, input_normalization="none", epochs=1, train_limit=30000, val_samples=1000)
+EPS03_DATA = dict(**SGD, lr=0.05, lr_schedule="cosine", weight_decay=0.0, attack=dict(eps=0.3, steps=10,
+                  step_size=0.04), input_normalization="none", epochs=1, train_limit=30000, val_samples=1000)
 EPS03_EVAL = dict(eps=0.3, pgd_steps=40, pgd_step_size=0.01, num_samples=1000, aa_version="standard",
                   aa_samples=100, sweep_samples=100)
 CPU_EPS03 = Profile(

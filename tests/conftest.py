@@ -18,6 +18,13 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_config(**values):
+    """A TrainConfig from keyword values, not validated: the training attack's by their flat names too
+    (``eps=0.3, attack_steps=1, attack_step_size=0.3, norm="l2"``), as a recipe's overrides give them."""
+    from fastrobust.config import TrainConfig
+    return TrainConfig.from_dict(values)
+
+
 def parse_train_config(argv):
     """``fastrobust train`` flags -> a validated TrainConfig, as the CLI builds it (ConfigError for a bad
     value, SystemExit(2) from argparse for a malformed command line)."""

@@ -144,12 +144,17 @@ def test_bad_options_are_rejected_with_names():
         EvalConfig(attacks=("pdg",)).validate()
 
 
-def test_weak_attack_warns():
-    with pytest.warns(UserWarning, match="cannot cover its ball"):
-        PGD(eps=0.3, step_size=0.01, steps=20, norm="linf", random_start="uniform", objective="ce")
+def test_weak_attack_warns_once_at_its_first_call(small_model):
+    x, y = _inputs(4)
+    weak = PGD(eps=0.3, step_size=0.01, steps=20, norm="linf", random_start="uniform", objective="ce")
+    with pytest.warns(UserWarning, match="PGD-20: .* cannot cover its ball"):
+        weak(small_model, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PGD(eps=0.3, step_size=0.01, steps=40, norm="linf", random_start="uniform", objective="ce")
+        weak(small_model, x, y)   # said once per attack
+        PGD(eps=0.3, step_size=0.01, steps=40, norm="linf", random_start="uniform", objective="ce")(small_model, x, y)
+        # the evaluation's PGD: the evaluation says it (and records it), not the attack
+        PGD.for_evaluation(EvalConfig(eps=0.3, pgd_steps=20, pgd_step_size=0.01).resolved())(small_model, x, y)
 
 
 def test_autoattack_wrapper_respects_ball_and_beats_clean(small_model):

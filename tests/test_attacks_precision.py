@@ -17,6 +17,7 @@ from fastrobust.config import TrainConfig
 from fastrobust.methods import AT, TRADES
 from fastrobust.models import create_model
 from fastrobust.step import TrainStep
+from conftest import train_config
 
 
 def test_the_trades_start_vanishes_in_bf16():
@@ -66,7 +67,7 @@ def test_training_step_runs_the_first_step_in_fp32_under_amp(monkeypatch, method
         return real(*args, **kwargs)
 
     monkeypatch.setattr("fastrobust.step.pgd_perturb", spy)
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=method, amp=amp, device="cpu", eps=0.3,
+    cfg = train_config(dataset="mnist", model="smallcnn", method=method, amp=amp, device="cpu", eps=0.3,
                       attack_steps=2, attack_step_size=0.15).validate()
     step = TrainStep(cfg, create_model("smallcnn", dataset="mnist"), torch.device("cpu"))
     step.attack(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)), step=0)

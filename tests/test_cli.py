@@ -26,7 +26,8 @@ import loaders
 import recipes
 from fastrobust.cli import build_parser
 from fastrobust.cli import main as cli_main
-from conftest import parse_train_config
+from conftest import parse_train_config, train_config
+from fastrobust.attacks import PGD
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError
 from fastrobust.methods import METHODS
@@ -163,7 +164,7 @@ def _check_argv(argv: list[str]) -> str:
     assert code == 0, (code, err)
     cfg = TrainConfig.from_dict(json.loads(out)).validate()
     assert cfg == parse_train_config(argv)  # the printed config is the parsed one
-    assert cfg.batch_size >= 1 and cfg.attack_steps >= 1 and cfg.eps >= 0 and math.isfinite(cfg.lr)
+    assert cfg.batch_size >= 1 and cfg.attack.steps >= 1 and cfg.attack.eps >= 0 and math.isfinite(cfg.lr)
     # every method option given belongs to the method, and a named option reached it as given
     used = [f for f in METHOD_FLAGS if f.flag in set(argv)]
     assert all(f.method == cfg.method.name for f in used), ([f.flag for f in used], cfg.method.name)
@@ -197,7 +198,7 @@ def test_valid_flags_parse_to_their_values():
     assert (cfg.method.name, cfg.method.sync, cfg.dropout, cfg.sync_bn, cfg.batch_size) == ("dtrades", "global", 0.0, True, 512)
     assert cfg.eval.attacks == ("pgd",) and cfg.lr_milestones == (1.0, 2.0) and cfg.ema_decay is None
     cfg = parse_train_config(["--method", "faal", "--faal-r", "0.5", "--faal-base", "at", "--eps", "8/255"])
-    assert (cfg.method.name, cfg.method.r, cfg.method.base, cfg.eps) == ("faal", 0.5, "at", 8 / 255)
+    assert (cfg.method.name, cfg.method.r, cfg.method.base, cfg.attack.eps) == ("faal", 0.5, "at", 8 / 255)
     # the default method is TRADES: its options need no --method
     assert parse_train_config(["--trades-beta", "4"]).method.beta == 4.0
 
@@ -314,11 +315,12 @@ def test_train_flags_show_their_default():
     train = _subparsers(build_parser())["train"]
     helps = {a.dest: a.help for a in train._actions}
     expected = {}
-    for cls, prefix, skip in [(TrainConfig, "", ("eval", "method")), (EvalConfig, "eval_", ("dataset",)),
-                              *[(cls, f"{name}_", ()) for name, cls in METHODS.items()]]:
+    for cls, prefix, skip in [(TrainConfig, "", ("eval", "method", "attack")), (EvalConfig, "eval_", ("dataset",)),
+                              (PGD, "attack_", ()), *[(cls, f"{name}_", ()) for name, cls in METHODS.items()]]:
         for f in dataclasses.fields(cls):
-            if f.name not in skip:
-                expected[prefix + f.name] = f"default: {_shown(f.default)}"
+            if f.name not in skip:   # the training attack's defaults: TrainConfig's attack
+                default = getattr(TrainConfig().attack, f.name) if cls is PGD else f.default
+                expected[prefix + f.name] = f"default: {_shown(default)}"
     assert set(expected) <= set(helps)
     for dest, shown in expected.items():
         assert helps[dest].replace("%%", "%").endswith(shown), (dest, helps[dest], shown)
@@ -353,7 +355,7 @@ BASE = ["train", "--dataset", "mnist", "--model", "smallcnn", "--no-progress"]
     (["--method", "mart", "--trades-beta", "4"], "--trades-beta is an option of method trades, but the method is mart"),
     (["--eps", "-0.1"], "eps must be a finite number >= 0, got -0.1"),
     (["--eval-eps", "nan"], "eval eps must be a finite number >= 0, got nan"),
-    (["--attack-steps", "0"], "attack_steps must be an integer >= 1, got 0"),
+    (["--attack-steps", "0"], "attack steps must be an integer >= 1, got 0"),
     (["--eval-pgd-steps", "-3"], "pgd_steps must be an integer >= 1, got -3"),
     (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
     (["--eval-batch-size", "0"], "eval batch_size must be an integer >= 1, got 0"),
@@ -380,7 +382,7 @@ def test_malformed_flags_are_argparse_usage_errors(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("usage: fastrobust") and "error:" in err and "Traceback" not in err
-    assert "argument --eps: --eps expects a number, got '8/0'" in err   # a fraction that is no number
+    assert "argument --attack-eps/--eps: --attack-eps expects a number, got '8/0'" in err   # a fraction that is no number
 
 
 def test_wrong_data_layout(capsys, tmp_path):

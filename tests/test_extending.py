@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from conftest import parse_train_config
+from conftest import parse_train_config, train_config
 from fastrobust import attacks, cli, models
 from fastrobust.checkpoint import atomic_save, load_model
 from fastrobust.config import EvalConfig, TrainConfig

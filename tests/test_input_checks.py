@@ -20,7 +20,7 @@ import torch
 
 import recipes
 from fastrobust import checkpoint as ck
-from conftest import parse_train_config
+from conftest import parse_train_config, train_config
 from fastrobust.cli import BROKEN_PIPE_EXIT, exit_quietly_on_broken_pipe
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError, NumericalError
@@ -66,7 +66,7 @@ def tree_sha256(folder: Path) -> dict[str, str]:
 def good_run(tmp_path_factory, data_dir) -> Path:
     """A finished run folder (2 TRADES steps, a final evaluation) that refused commands must not touch."""
     out = tmp_path_factory.mktemp("good") / "run"
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
                       eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=128, batch_size=64, val_samples=32,
                       out_dir=str(out), progress=False, data_dir=str(data_dir))
     cfg.eval = EvalConfig(dataset="mnist", eps=0.3, num_samples=32, aa_samples=0, sweep_samples=0, pgd_steps=2,
@@ -89,8 +89,8 @@ def test_linf_radius_above_the_input_range_is_refused_everywhere(tmp_path, eps, 
             make()
         assert (hint in str(e.value)) if hint else ("Did you mean" not in str(e.value))
 
-    refused(lambda: TrainConfig(dataset="mnist", model="smallcnn", eps=eps).validate(), "eps")
-    refused(lambda: TrainConfig(dataset="mnist", model="smallcnn", eps=0.3, eval=EvalConfig(eps=eps)).validate(),
+    refused(lambda: train_config(dataset="mnist", model="smallcnn", eps=eps).validate(), "eps")
+    refused(lambda: train_config(dataset="mnist", model="smallcnn", eps=0.3, eval=EvalConfig(eps=eps)).validate(),
             "eval eps")
     refused(lambda: EvalConfig(dataset="mnist", eps=eps).validate(), "eval eps")
     refused(lambda: EvalConfig(dataset="mnist").resolved(train_eps=eps),
@@ -100,8 +100,8 @@ def test_linf_radius_above_the_input_range_is_refused_everywhere(tmp_path, eps, 
 
 def test_radii_up_to_the_range_are_accepted_and_l2_is_bounded_by_the_diagonal():
     assert EvalConfig(dataset="mnist", eps=1.0).resolved().eps == 1.0          # the whole range is a radius
-    assert TrainConfig(dataset="mnist", model="smallcnn", eps=1.0).validate().eps == 1.0
-    assert parse_train_config(["--dataset", "mnist", "--model", "smallcnn", "--eps", "8/255"]).eps == 8 / 255
+    assert train_config(dataset="mnist", model="smallcnn", eps=1.0).validate().attack.eps == 1.0
+    assert parse_train_config(["--dataset", "mnist", "--model", "smallcnn", "--eps", "8/255"]).attack.eps == 8 / 255
     # L2: the diagonal of the [0, 1] box, sqrt(C H W): 28 for MNIST, sqrt(3072) = 55.43 for CIFAR-10
     assert EvalConfig(dataset="mnist", norm="l2", eps=28.0).resolved().eps == 28.0
     with pytest.raises(ConfigError, match=r"eval eps = 28.5 \(l2\) is above the diagonal of the \[0, 1\] box of mnist "
@@ -109,15 +109,15 @@ def test_radii_up_to_the_range_are_accepted_and_l2_is_bounded_by_the_diagonal():
         EvalConfig(dataset="mnist", norm="l2", eps=28.5).resolved()
     assert EvalConfig(dataset="cifar10", norm="l2", eps=55.0).resolved().eps == 55.0
     with pytest.raises(ConfigError, match=r"55.43"):
-        TrainConfig(dataset="cifar10", norm="l2", eps=56.0, attack_step_size=20.0,
+        train_config(dataset="cifar10", norm="l2", eps=56.0, attack_step_size=20.0,
                     eval=EvalConfig(norm="l2", eps=0.5)).validate()
     # an evaluation that takes an L2 training radius in its own (L-inf) norm says which flag fixes it
     with pytest.raises(ConfigError, match=r"training radius 2 \(l2\) by default, but in its own norm, linf, .* pass "
                                           r"--eval-norm l2"):
-        TrainConfig(dataset="mnist", model="smallcnn", norm="l2", eps=2.0, attack_step_size=1.0).validate()
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", norm="l2", eps=2.0, attack_step_size=1.0,
+        train_config(dataset="mnist", model="smallcnn", norm="l2", eps=2.0, attack_step_size=1.0).validate()
+    cfg = train_config(dataset="mnist", model="smallcnn", norm="l2", eps=2.0, attack_step_size=1.0,
                       eval=EvalConfig(norm="l2")).validate()
-    assert cfg.eval.resolved(cfg.eps).eps == 2.0
+    assert cfg.eval.resolved(cfg.attack.eps).eps == 2.0
 
 
 def test_a_pixel_level_radius_is_refused_before_touching_a_run(good_run, data_dir, tmp_path):
@@ -310,7 +310,7 @@ def test_the_last_good_state_is_the_newest_checkpoint_saved_before_the_blow_up(t
     """Two epochs of two steps; the first step of epoch 2 multiplies the weights by 1000 (finite, blown up)
     and has a NaN loss: the run stops (max_bad_steps 1) naming epoch 1's checkpoint, whose weights are
     those training started from give or take the updates, not the blown-up ones, which are not written."""
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=Standard(), epochs=2, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=Standard(), epochs=2, lr=0.01, lr_schedule="constant",
                       train_limit=64, batch_size=32, val_samples=32, eps=0.3, max_bad_steps=1, final_eval=False,
                       out_dir=str(tmp_path / "run"), progress=False, data_dir=str(data_dir))
     cfg.eval = EvalConfig(dataset="mnist", eps=0.3, num_samples=32, aa_samples=0, sweep_samples=0, attacks=("pgd",),
@@ -365,7 +365,7 @@ def test_calibration_is_bounded_and_ends_once_a_scale_has_worked(mnist_test):
 
     def stepper(overflowing: bool) -> TrainStep:
         torch.manual_seed(0)   # each its own config: the method object (whose loss is patched) is not shared
-        cfg = TrainConfig(dataset="mnist", model="smallcnn", method=Standard(), amp="fp16", device="cpu", lr=0.01,
+        cfg = train_config(dataset="mnist", model="smallcnn", method=Standard(), amp="fp16", device="cpu", lr=0.01,
                           eps=0.3).validate()
         step = TrainStep(cfg, create_model("smallcnn", dataset="mnist"), torch.device("cpu"))
         if overflowing:

@@ -19,6 +19,7 @@ from fastrobust.errors import ConfigError
 from fastrobust.models import create_model, model_from_spec
 from fastrobust.train import Trainer
 from recipes.protocols import PROFILES
+from conftest import train_config
 
 
 def _pair(seed: int):
@@ -62,7 +63,7 @@ def test_folding_the_normalisation_into_the_first_convolution_gives_the_same_fun
 
 
 def test_a_run_records_the_convention_in_checkpoint_and_manifest(tmp_path, data_dir):
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method="trades", input_normalization="none", epochs=1,
+    cfg = train_config(dataset="mnist", model="smallcnn", method="trades", input_normalization="none", epochs=1,
                       train_limit=256, val_samples=0, batch_size=128, attack_steps=1, attack_step_size=0.3, eps=0.3,
                       lr=0.01, out_dir=str(tmp_path / "run"), progress=False, final_eval=False, data_dir=str(data_dir))
     Trainer(cfg).fit()
@@ -75,7 +76,7 @@ def test_a_run_records_the_convention_in_checkpoint_and_manifest(tmp_path, data_
 
 def test_an_unknown_convention_is_refused_with_the_valid_names():
     with pytest.raises(ConfigError, match="input normalisation 'imagenet'.*none"):
-        TrainConfig(dataset="mnist", model="smallcnn", input_normalization="imagenet").validate()
+        train_config(dataset="mnist", model="smallcnn", input_normalization="imagenet").validate()
 
 
 @pytest.mark.parametrize("profile", ["official", "paper", "cpu_eps03"])

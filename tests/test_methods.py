@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_smallcnn
+from conftest import random_smallcnn, train_config
 from fastrobust import distributed as dist
 from fastrobust.attacks import pgd_perturb, random_start
 from fastrobust.config import TrainConfig
@@ -129,7 +129,7 @@ def test_at_training_attack_is_uniform_start_ce_pgd():
     """The trainer's attack for AT is Madry's: a uniform start in the eps-ball, then CE sign steps.
     Run in float64 with the reference ops, so the comparison is exact up to float64 rounding."""
     assert (AT.objective, AT.random_start) == ("ce", "uniform")
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=AT(), eps=EPS, attack_steps=3, attack_step_size=0.1,
+    cfg = train_config(dataset="mnist", model="smallcnn", method=AT(), eps=EPS, attack_steps=3, attack_step_size=0.1,
                       kernels="reference", device="cpu", amp="off", compile=False, seed=5).validate()
     model = _model(13).train()
     x, _, y = _batch(13)

@@ -15,6 +15,7 @@ from fastrobust.methods import METHODS
 from recipes.protocols import NOTE_SOURCES, NOTES, PAPER_NOTES, PROFILES, Note, cell_in_report, notes_markdown, \
     protocol_notes
 from recipes.published import report_cells
+from conftest import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def test_a_recipe_run_hands_its_cells_notes_to_the_manifest(monkeypatch, tmp_pat
 def test_the_trainer_writes_extra_manifest_entries(tmp_path, data_dir):
     from fastrobust.train import Trainer
 
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=METHODS["standard"](), epochs=1, train_limit=128,
+    cfg = train_config(dataset="mnist", model="smallcnn", method=METHODS["standard"](), epochs=1, train_limit=128,
                       batch_size=64, val_samples=64, out_dir=str(tmp_path / "run"), progress=False,
                       data_dir=str(data_dir), eval=EvalConfig(dataset="mnist", eps=0.3))
     extra = {"protocol_notes": protocol_notes("paper", "mnist", "standard", "resnet18")}

@@ -115,8 +115,8 @@ def test_faal_official_fine_tunes_the_official_trades_checkpoint(tmp_path):
     for dataset, arch in cells:
         cfg = _config("official", dataset, "faal", arch, tmp_path)
         assert cfg.method == FAAL(r=0.5, base="at", beta=cfg.method.beta) and cfg.method.base == "at"
-        assert (cfg.epochs, cfg.weight_decay, cfg.attack_steps, cfg.select_by) == (2, 5e-4, 10, "worst_class_pgd_ra")
-        assert math.isclose(cfg.eps, 8 / 255) and math.isclose(cfg.attack_step_size, 2 / 255)
+        assert (cfg.epochs, cfg.weight_decay, cfg.attack.steps, cfg.select_by) == (2, 5e-4, 10, "worst_class_pgd_ra")
+        assert math.isclose(cfg.attack.eps, 8 / 255) and math.isclose(cfg.attack.step_size, 2 / 255)
         assert _close([library_lr(cfg, e) for e in (1, 2)], [0.01, 0.001])
         # the same architecture's official TRADES run, which the official profile trains too
         assert (dataset, "trades", arch) in PROFILES["official"].cells

@@ -24,6 +24,7 @@ from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError, TrainingInterrupted
 from fastrobust.methods import MART, TRADES
 from fastrobust.train import Trainer, train
+from conftest import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 epochs of 4 TRADES steps (64 images, one attack step), a 32-image validation, a tiny final evaluation
@@ -114,7 +115,7 @@ def test_resume_with_other_training_settings_is_refused_and_changes_nothing(run_
 def test_training_fields_are_denied_by_default():
     """Any field outside the documented allow-list counts, a field added later included; a field a
     checkpoint does not record compares as its default; another method's options are not listed."""
-    base = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES()).to_dict()
+    base = train_config(dataset="mnist", model="smallcnn", method=TRADES()).to_dict()
     same, allowed = run_folder.compare_configs(base, dict(base))
     assert same == [] and allowed == {}
     newer = dict(base, input_normalization="none", a_field_added_later=3)
@@ -195,7 +196,7 @@ def test_resume_on_an_empty_folder_starts_fresh_and_says_so(tmp_path, data_dir):
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", out_dir=str(tmp_path / "x"), resume=True, overwrite=True)
+    cfg = train_config(dataset="mnist", model="smallcnn", out_dir=str(tmp_path / "x"), resume=True, overwrite=True)
     with pytest.raises(ConfigError, match="--resume continues the run in .* and --overwrite deletes it"):
         run_folder.inspect(cfg, {})
     assert not (tmp_path / "x").exists()
@@ -289,7 +290,7 @@ def test_resume_of_a_finished_run_without_its_step_checkpoints_continues_from_fi
 
 def _cfg(tmp_path, data_dir, **kw) -> TrainConfig:
     """4 TRADES steps of 32 images, one attack step, a checkpoint after every step, no validation."""
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
                       eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=128, batch_size=32, val_samples=0,
                       out_dir=str(tmp_path / "run"), progress=False, data_dir=str(data_dir), final_eval=False,
                       ckpt_every_steps=1, log_every=1)

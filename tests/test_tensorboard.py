@@ -16,6 +16,7 @@ from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.methods import DTRADES, FAAL
 from fastrobust.tensorboard_log import scalars
 from fastrobust.train import Trainer, train
+from conftest import train_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(tmp_path, data_dir, **kw) -> TrainConfig:
     """2 epochs of 4 steps of 32 images, one attack step, every step logged, a 32-image validation."""
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=DTRADES(), epochs=2, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=DTRADES(), epochs=2, lr=0.01, lr_schedule="constant",
                       eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=128, batch_size=32, val_samples=32,
                       out_dir=str(tmp_path / "run"), progress=False, data_dir=str(data_dir), log_every=1,
                       tensorboard=True)

@@ -36,7 +36,7 @@ from fastrobust.models import create_model
 from fastrobust.step import TrainStep
 from fastrobust.train import Trainer, train
 from kernels.dispatch import triton_usable
-from conftest import InfGradient
+from conftest import InfGradient, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_TRAIN = 60000
@@ -45,28 +45,22 @@ MNIST_TRAIN = 60000
 def tiny_cfg(tmp_path, method, data_dir, **kw):
     """4 steps of 64 images (the first 256 training images; the last 64 of the split held out)."""
     method = METHODS[method]() if isinstance(method, str) else method
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=method, epochs=1, lr=0.01, lr_schedule="constant",
-                      eps=0.3, attack_steps=3, attack_step_size=0.1, train_limit=256, batch_size=64, val_samples=64,
-                      out_dir=str(tmp_path / method.name), progress=False, data_dir=str(data_dir), log_every=1,
-                      weight_decay=0.0)
-    cfg.eval = EvalConfig(dataset="mnist", eps=0.3, num_samples=64, aa_samples=0, sweep_samples=0,
-                          attacks=("fgsm", "pgd"), batch_size=64)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return train_config(**{**dict(dataset="mnist", model="smallcnn", method=method, epochs=1, lr=0.01,
+                                  lr_schedule="constant", eps=0.3, attack_steps=3, attack_step_size=0.1, train_limit=256,
+                                  batch_size=64, val_samples=64, out_dir=str(tmp_path / method.name), progress=False,
+                                  data_dir=str(data_dir), log_every=1, weight_decay=0.0,
+                                  eval=EvalConfig(dataset="mnist", eps=0.3, num_samples=64, aa_samples=0,
+                                                  sweep_samples=0, attacks=("fgsm", "pgd"), batch_size=64)), **kw})
 
 
 def fault_cfg(tmp_path, data_dir, **kw):
     """TRADES, 4 steps of 32 images, one attack step, a checkpoint after every step, no validation."""
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
-                      eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=128, batch_size=32, val_samples=0,
-                      out_dir=str(tmp_path / "run"), progress=False, data_dir=str(data_dir), final_eval=False,
-                      ckpt_every_steps=1)
-    cfg.eval = EvalConfig(dataset="mnist", eps=0.3, num_samples=32, aa_samples=0, sweep_samples=0, attacks=("pgd",),
-                          batch_size=32)
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+    return train_config(**{**dict(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01,
+                                  lr_schedule="constant", eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=128,
+                                  batch_size=32, val_samples=0, out_dir=str(tmp_path / "run"), progress=False,
+                                  data_dir=str(data_dir), final_eval=False, ckpt_every_steps=1,
+                                  eval=EvalConfig(dataset="mnist", eps=0.3, num_samples=32, aa_samples=0,
+                                                  sweep_samples=0, attacks=("pgd",), batch_size=32)), **kw})
 
 
 # -- every method, the manifest ----------------------------------------------------------------------
@@ -371,6 +365,6 @@ def test_too_few_training_images_for_one_batch(tmp_path, data_dir):
 def test_sync_bn_needs_cuda_under_ddp(monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 0)
-    cfg = TrainConfig(dataset="mnist", model="vgg16", method=TRADES(), sync_bn=True).validate()
+    cfg = train_config(dataset="mnist", model="vgg16", method=TRADES(), sync_bn=True).validate()
     with pytest.raises(ConfigError, match="sync_bn needs CUDA"):
         TrainStep(cfg, create_model("vgg16", dataset="mnist"), torch.device("cpu"))

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import loaders  # noqa: E402
-from conftest import random_smallcnn  # noqa: E402
+from conftest import random_smallcnn, train_config  # noqa: E402
 from fastrobust import step as step_module  # noqa: E402
 from fastrobust.bench import bench_methods, run_step_bench, step_markdown  # noqa: E402
 from fastrobust.config import TrainConfig  # noqa: E402
@@ -38,7 +38,7 @@ def _cfg(method="dtrades", **kw):
     base = dict(dataset="mnist", model="smallcnn", method=METHODS[method](), eps=0.3, attack_steps=3,
                 attack_step_size=0.1, lr=0.05, device="cpu")
     base.update(kw)
-    return TrainConfig(**base).validate()
+    return train_config(**base).validate()
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ class _FailsToCompile(nn.Module):
 
 
 def _small_run(tmp_path, data_dir, name, **kw):
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
                       eps=0.3, attack_steps=1, attack_step_size=0.3, train_limit=64, batch_size=32, val_samples=0,
                       out_dir=str(tmp_path / name), progress=False, data_dir=str(data_dir), final_eval=False, **kw)
     return Trainer(cfg)
@@ -262,7 +262,7 @@ def test_bf16_probation_in_a_compiled_first_step_is_not_a_compile_failure(batche
 # -- loaders, benchmark, threads --------------------------------------------------------------------
 
 def test_training_from_ffcv_backend(tmp_path, data_dir):
-    cfg = TrainConfig(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
+    cfg = train_config(dataset="mnist", model="smallcnn", method=TRADES(), epochs=1, lr=0.01, lr_schedule="constant",
                       eps=0.3, attack_steps=2, attack_step_size=0.15, train_limit=256, batch_size=64, val_samples=64,
                       loader="ffcv", beton_dir=str(tmp_path / "betons"), out_dir=str(tmp_path / "run"),
                       progress=False, final_eval=False, data_dir=str(data_dir))
