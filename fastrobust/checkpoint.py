@@ -1,18 +1,18 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``) that say what a bad file is, architecture
-checks, and plain state dicts from other code (the official TRADES and MART layouts included).
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), architecture checks, and plain state
+dicts from other code (the official TRADES and MART layouts included).
 
 A crash, a SIGKILL or a full disk during a save never leaves a half-written file under a checkpoint's
 name: the bytes go to a temporary file in the same folder, are fsynced, and only then renamed over the
-target (``os.replace`` is atomic on POSIX). A file that is not a checkpoint (empty, a folder, text,
-random bytes, a truncated or foreign zip, a pickle of arbitrary objects) is named as such in a
-CheckpointError; nothing in a file is ever executed.
+target (``os.replace`` is atomic on POSIX). Every file is read by ``torch.load(weights_only=True)``, the
+safety boundary: it builds only tensors and plain data, so nothing in a file is ever executed. A file it
+cannot read (missing, empty, text, a truncated or foreign archive, a pickled model) is one CheckpointError
+naming the file and the loader's own reason; one that loads but is not a checkpoint of this format says
+what it holds instead.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pickle
 import random
 import re
 import warnings
@@ -34,11 +34,6 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 # (the canonical spelling of its number) is ever read as one, and pruned only once it has loaded.
 STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
-# torch's pre-1.6 (non-zip) files start with a pickle of this magic number (LONG1, 10 bytes), after the
-# pickle protocol header (and, from protocol 4, a frame header)
-TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8"
-HEAD_BYTES = 64
-EARLIER = "Use an earlier checkpoint"
 FIX = "Pass the .pt file written by fastrobust (runs/<name>/checkpoints/final.pt) or a state dict saved by torch.save"
 HOW_TO_EVAL_STATE_DICT = ("evaluate it with fastrobust eval --checkpoint FILE --model NAME (and --dataset, and --input-normalization none|cifar10|mnist "
                           "for a model that expects normalised inputs)")
@@ -53,113 +48,29 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
                               f"if any, is untouched. Free disk space or choose another --out-dir.") from e
 
 
-def _decodes_as_text(head: bytes, complete: bool) -> str | None:
-    """``head`` as text if it is printable UTF-8 (a multi-byte character cut at the end of an incomplete
-    head does not count against it), else None."""
-    for cut in ((0,) if complete else (0, 1, 2, 3)):
-        try:
-            text = head[:len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        return text if all(c.isprintable() or c in "\n\r\t" for c in text) else None
-    return None
-
-
-def _what_is(path: Path, head: bytes) -> str | None:
-    """What a file that cannot be a torch checkpoint is, from its first bytes (None: it may be one)."""
-    if len(head) < 4 and b"PK\x03\x04".startswith(head):
-        return f"corrupt or truncated: {len(head)} byte(s), the start of a zip archive (torch's format). {EARLIER}"
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-            return (f"corrupt or truncated: a zip archive (torch's format) that cannot be opened ({e}); its write was "
-                    f"cut short or it was damaged. {EARLIER}")
-        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            if any(n.endswith("/version") or "/data/" in n for n in names):   # torch's other entries are there
-                return f"corrupt: a torch zip archive whose data.pkl entry is missing or damaged. {EARLIER}"
-            return (f"a zip archive that is not a torch file (no data.pkl among its {len(names)} entries, e.g. "
-                    f"{sorted(names)[:3]}). {FIX}")
-        return None
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        if TORCH_MAGIC in head[:32]:
-            return None   # a legacy (pre-1.6, non-zip) torch file
-        return (f"a plain Python pickle (protocol {head[1]}), not a torch file. It was not unpickled: unpickling an "
-                f"untrusted file can run code. Save tensors with torch.save(model.state_dict(), path)")
-    text = _decodes_as_text(head, complete=len(head) < HEAD_BYTES)
-    if text is not None:
-        kind = "a text file"
-        try:
-            if path.stat().st_size <= 16 << 20:   # JSON or not only matters for the message
-                json.loads(path.read_text())
-                kind = "a JSON file"
-        except (ValueError, OSError):
-            pass
-        return f"{kind} (it starts with {text[:40]!r}), not a torch checkpoint. {FIX}"
-    return f"not a torch checkpoint (unrecognised binary content, first bytes {head[:8].hex(' ')}). {FIX}"
-
-
 def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
-def _unpickling_detail(text: str) -> str:
-    """The specific line of torch's weights-only error, without its banner and advice."""
-    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boiler)]
-    return lines[0] if lines else "the unpickler stopped"
+    """``e``'s type and the first sentence of its first line that is not torch's banner or advice (torch's
+    weights-only errors suggest weights_only=False: the one thing not to do with a file of unknown origin)."""
+    line = next((x for x in map(str.strip, str(e).splitlines())
+                 if x and not x.startswith("Weights only load failed") and "weights_only" not in x), "")
+    sentence = re.split(r"\.\s+(?=[A-Z])", line)[0].rstrip(".")   # the sentences after it are advice too
+    return f"{type(e).__name__}: {sentence}" if sentence else type(e).__name__
 
 
 def read(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """The object stored in ``path``, loaded with ``weights_only=True`` (nothing in the file is executed);
-    every failure is a CheckpointError that says what the file is and what to do. ``mmap``: map the tensors
+    any failure is one CheckpointError naming the file and the loader's reason. ``mmap``: map the tensors
     of a zip-format file instead of reading them (copy-on-write), for reading a checkpoint's metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist. {FIX}.")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file. {FIX}.")
     try:
-        with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}. Check the path and its "
-                              f"permissions.") from e
-    if not head:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write never completed. Use an earlier "
-                              f"checkpoint.")
-    problem = _what_is(path, head)
-    if problem:
-        raise CheckpointError(f"checkpoint {path} is {problem}.")
-    legacy = not head.startswith(b"PK")
-    what = "legacy (pre-1.6, non-zip) torch file" if legacy else "torch file"
-    try:
-        # torch warns on stderr about some legacy files; the outcome (loaded or a CheckpointError) says it all
+        # torch (third party) warns on stderr about some legacy files; the outcome alone is what counts
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not legacy)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        blocked = re.search(r"GLOBAL (\S+?)(?:\s|\.?$)", text)
-        if blocked or "Can only build" in text or "Can only create new object" in text:
-            found = f"refers to the Python global {blocked.group(1)}" if blocked else "builds Python objects"
-            # torch's own message suggests weights_only=False: the one thing not to do with a file of unknown origin
-            raise CheckpointError(f"refused to load {path}: it is a {what} that {found}, not only tensors and plain "
-                                  f"data, and unpickling it could run code; nothing in it was executed. A whole model "
-                                  f"saved with torch.save(model) is such a file: where it was made, re-save "
-                                  f"model.state_dict() and pass that. A fastrobust checkpoint that reads so is damaged: "
-                                  f"use an earlier one.") from e
-        if "Unsupported operand" in text:
-            raise CheckpointError(f"checkpoint {path} is a {what} that torch's safe loader cannot read "
-                                  f"({_unpickling_detail(text)}): it is corrupt, or was saved with "
-                                  f"pickle_protocol 4 or higher. Re-save it with torch.save's default protocol, or use "
-                                  f"an earlier checkpoint.") from e
-        raise CheckpointError(f"checkpoint {path} is a corrupt or truncated {what} ({_unpickling_detail(text)}). "
-                              f"Use an earlier checkpoint.") from e
-    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files; all mean the same here
-        raise CheckpointError(f"checkpoint {path} is a corrupt or truncated {what} ({type(e).__name__}: "
-                              f"{_first_line(e)}). Use an earlier checkpoint.") from e
+            zipped = zipfile.is_zipfile(path)   # a legacy (pre-1.6, non-zip) torch file loads, but is not mapped
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all mean the same here
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_line(e)}). Nothing in it was executed "
+                              f"(torch.load with weights_only=True builds only tensors and plain data). {FIX}, or use "
+                              f"an earlier checkpoint.") from e
 
 
 def state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -215,9 +126,7 @@ def _structure_problem(obj: dict) -> str | None:
         return f"its 'spec' entry is {type(spec).__name__ if 'spec' in obj else 'missing'}, not a model spec"
     for key, tp in SPEC_TYPES.items():
         value = spec.get(key)
-        if not isinstance(value, tp) or isinstance(value, bool):
-            return f"spec {key!r} is {value!r}"
-        if tp is int and value < 1:
+        if not isinstance(value, tp) or isinstance(value, bool) or (tp is int and value < 1):
             return f"spec {key!r} is {value!r}"
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*spec["mean"], *spec["std"])):
         return "spec 'mean'/'std' hold non-numbers"
@@ -283,12 +192,9 @@ def load_weights(model: torch.nn.Module, state: dict, path: str | Path = "checkp
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        detail = "; ".join(filter(None, [f"missing {missing[:4]}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-                                         if missing else "",
-                                         f"unexpected {unexpected[:4]}" + (f" and {len(unexpected) - 4} more"
-                                                                           if len(unexpected) > 4 else "")
-                                         if unexpected else "",
-                                         f"shape mismatch {shapes[:3]}" if shapes else ""]))
+        detail = "; ".join(f"{label} {keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+                           for label, keys, n in (("missing", missing, 4), ("unexpected", unexpected, 4),
+                                                  ("shape mismatch", shapes, 3)) if keys)
         raise CheckpointError(f"{path} does not fit this model ({detail}). It was saved from another "
                               f"architecture or class count.")
     model.load_state_dict(state)
@@ -384,9 +290,8 @@ def step_of(name: str) -> int | None:
 def step_checkpoints(folder: str | Path) -> list[Path]:
     """The files in ``folder`` named as rolling checkpoints, oldest first (not yet read)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(n, p) for p in folder.iterdir() if (n := step_of(p.name)) is not None and p.is_file()]
+    found = [(n, p) for p in (folder.iterdir() if folder.is_dir() else ()) if (n := step_of(p.name)) is not None
+             and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -459,11 +364,8 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files of writers that died mid-save (SIGKILL, power loss): their process
     no longer exists. They never carry a checkpoint's name, so nothing ever loads them; this only
     frees the space. Returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
+    folder, removed = Path(folder), []
+    for p in (folder.iterdir() if folder.is_dir() else ()):
         m = TEMP_FILE.match(p.name)
         if m and not _process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)

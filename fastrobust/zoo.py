@@ -133,8 +133,8 @@ def load(name: str, dataset: str, norm: str, model_dir: str | Path | None = None
         with offline():
             module = models[name]["model"]()
     except Exception as e:  # noqa: BLE001 - any constructor failure means the same: it cannot be built here
-        raise ConfigError(f"RobustBench's architecture for {name} cannot be built offline ({type(e).__name__}: "
-                          f"{ck._first_line(e)}); --robustbench does not support it.") from e
+        raise ConfigError(f"RobustBench's architecture for {name} cannot be built offline "
+                          f"({ck._first_line(e)}); --robustbench does not support it.") from e
     own = module.state_dict()   # the normalisation constants a file may lack come from the architecture
     state.update({k: own[k] for k in OPTIONAL_KEYS if k in own and k not in state})
     ck.load_weights(module, state, path)

@@ -372,7 +372,8 @@ def test_bad_values_are_one_clear_line(capsys, flags, expected):
 def test_bad_eval_options_fail_before_loading_anything(capsys, tmp_path):
     line = _one_error_line(capsys, ["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--attacks", "fgsm,pgdd"])
     assert "unknown attack 'pgdd'. Did you mean 'pgd'?" in line
-    assert "does not exist" in _one_error_line(capsys, ["eval", "--checkpoint", str(tmp_path / "missing.pt")])
+    line = _one_error_line(capsys, ["eval", "--checkpoint", str(tmp_path / "missing.pt")])
+    assert "missing.pt cannot be loaded (FileNotFoundError: [Errno 2] No such file or directory" in line
 
 
 def test_malformed_flags_are_argparse_usage_errors(capsys):
