@@ -142,13 +142,19 @@ def bench_methods(names: Sequence[str]) -> list[Method]:
     return out
 
 
-def run_step_bench(methods: Sequence[Method], models: Sequence[str], batches: Sequence[int], device: str = "auto", *,
-                   dataset: str = "cifar10", repeats: int = 5, warmup: int = 2, compile: bool | None = None, amp: str = "auto",
-                   reference: bool = True, data_dir: str | None = None, attack_steps: int = 10,
-                   progress: bool = True, deadline: float | None = None,
-                   random_images: bool = False) -> dict[str, Any]:
+def run_step_bench(methods: Sequence[Method] = (), models: Sequence[str] = (), batches: Sequence[int] = (),
+                   device: str = "auto", *, dataset: str = "cifar10", repeats: int = 5, warmup: int = 2,
+                   compile: bool | None = None, amp: str = "auto", reference: bool = True, data_dir: str | None = None,
+                   attack_steps: int = 10, progress: bool = True, deadline: float | None = None,
+                   random_images: bool = False, configs: dict[str, TrainConfig] | None = None) -> dict[str, Any]:
     """Time every step variant per (model, batch) on one batch: the first test images, or random images
-    of the dataset's geometry with ``random_images`` (step cost does not depend on the pixels)."""
+    of the dataset's geometry with ``random_images`` (step cost does not depend on the pixels).
+    ``configs`` (label -> TrainConfig, all of one model, dataset and batch size: a recipe's compared rows)
+    times those steps as configured instead, each with its ratios to the last one (the baseline)."""
+    if configs:
+        c = list(configs.values())[-1]
+        models, batches, dataset, data_dir, device = [c.model], [c.batch_size], c.dataset, c.data_dir, c.device
+        compile, amp, attack_steps = c.compile, c.amp, c.attack_steps
     dev = resolve_device(device)
     compile = dev.type == "cuda" if compile is None else compile
     rows, ratios = [], []
@@ -156,17 +162,19 @@ def run_step_bench(methods: Sequence[Method], models: Sequence[str], batches: Se
         for batch in batches:
             torch.manual_seed(0)
             x, y = sample_batch(dataset, batch, dev, data_dir, random_images)
-            base = create_model(model_name, dataset=dataset).to(dev, memory_format=torch.channels_last)
+            cfgs = configs or {m.label: TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch,
+                                                    compile=compile, amp=amp,
+                                                    attack=PGD(eps=0.031, step_size=0.007, steps=attack_steps),
+                                                    device=str(dev)).validate() for m in methods}
+            base = create_model(model_name, dataset=dataset, normalization=list(cfgs.values())[-1].input_normalization)
+            base = base.to(dev, memory_format=torch.channels_last)   # every variant starts from the same weights
             steps: dict[str, tuple[TrainStep, Method, str]] = {}
-            for m in methods:
-                cfg = TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch, compile=compile,
-                                  attack=PGD(eps=0.031, step_size=0.007, steps=attack_steps), amp=amp,
-                                  device=str(dev)).validate()
-                steps[m.label] = (TrainStep(cfg, copy.deepcopy(base), dev), m, "fast")
+            for label, cfg in cfgs.items():
+                steps[label] = (TrainStep(cfg, copy.deepcopy(base), dev), cfg.method, "fast")
                 if reference:
                     ref_cfg = dataclasses.replace(cfg, compile=False, amp="off")
-                    steps[f"{m.label} eager ref"] = (TrainStep(ref_cfg, copy.deepcopy(base), dev, official_style=True),
-                                                     m, "eager ref")
+                    steps[f"{label} eager ref"] = (TrainStep(ref_cfg, copy.deepcopy(base), dev, official_style=True),
+                                                   cfg.method, "eager ref")
             flops = {}
             for name, (st, _, _) in steps.items():   # FLOPs from one eager step of the same algorithm
                 eager = TrainStep(dataclasses.replace(st.cfg, compile=False), copy.deepcopy(st.model), dev,
@@ -196,8 +204,9 @@ def run_step_bench(methods: Sequence[Method], models: Sequence[str], batches: Se
                              "gflop_per_step": flops[name] / 1e9 if flops[name] else None, "tflop_per_s": tflops,
                              "mfu": tflops / peak if tflops and peak else None})
             for name, (_, m, kind) in steps.items():
-                if kind == "fast" and m.extends in med:   # a method against the one whose step it extends
-                    a, b, label = name, m.extends, f"{name} / {m.extends}"
+                b = list(cfgs)[-1] if configs else m.extends   # against the baseline, or the step a method extends
+                if kind == "fast" and b in med and b != name:
+                    a, label = name, f"{name} / {b}"
                 elif kind == "eager ref":
                     a, b = name.removesuffix(" eager ref"), name
                     label = f"{a} fast / eager ref"
@@ -296,57 +305,6 @@ def run_loader_bench(device: str = "auto", batch_size: int = 128, backends: Sequ
     return list(rows.values())
 
 
-# ---------------------------------------------------------------------------------------------- attack precision
-def run_attack_precision(models: Sequence[str], device: str = "auto", batch: int = 256,
-                         train_steps: int = 150, data_dir: str | None = None, seed: int = 0) -> list[dict]:
-    """The TRADES training attack under bf16 autocast against fp32, on briefly trained models: the final
-    KL(p || q) (p, q from the fp32 model) and the fp32 model's accuracy on the attack's x', per variant."""
-    import loaders
-    from .attacks import eval_mode, pgd_perturb, random_start
-    from .methods import Standard
-    from kernels.reference import kl_divergence
-    dev = resolve_device(device)
-    rows = []
-    for name in models:
-        dataset = "mnist" if name == "smallcnn" else "cifar10"
-        eps, step_size, steps = (0.3, 0.01, 20) if dataset == "mnist" else (0.031, 0.007, 10)   # the paper's attacks
-        torch.manual_seed(seed)
-        model = create_model(name, dataset=dataset).to(dev, memory_format=torch.channels_last)
-        cfg = TrainConfig(dataset=dataset, model=name, method=Standard(), lr=0.05 if name == "smallcnn" else 0.02,
-                          amp="off", compile=False, device=str(dev), batch_size=64).validate()
-        train = TrainStep(cfg, model, dev)
-        loader = loaders.build(dataset, "train", 64, dev, data_dir=data_dir, seed=seed, drop_last=True)
-        for i, (x, y) in zip(range(train_steps), iter(loader)):
-            train(x, y, step=i)
-        x, y = sample_batch(dataset, batch, dev, data_dir)
-        variants = {"fp32": (None, 0), "bf16": (torch.bfloat16, 0), "bf16, first step fp32": (torch.bfloat16, 1),
-                    "bf16, first 2 steps fp32": (torch.bfloat16, 2)}
-        with eval_mode(model), torch.no_grad():
-            log_p = torch.log_softmax(model(x).float(), 1)
-        for label, (amp, fp32_steps) in variants.items():
-            g = torch.Generator(device=dev).manual_seed(seed)
-            start = random_start(x, eps, "linf", "trades", generator=g)
-            with eval_mode(model), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                x_adv = pgd_perturb(model, x, y, eps=eps, step_size=step_size, steps=steps, norm="linf",
-                                    objective="kl", start=start, fp32_steps=fp32_steps).x_adv
-            with eval_mode(model), torch.no_grad():
-                logits = model(x_adv).float()
-            kl = kl_divergence(log_p, torch.log_softmax(logits, 1))
-            rows.append({"model": name, "variant": label, "eps": eps, "attack": f"PGD-{steps} step {step_size:g}",
-                         "kl_mean": float(kl.mean()), "ra_fp32": float((logits.argmax(1) == y).float().mean()),
-                         "na_fp32": float((log_p.argmax(1) == y).float().mean()), "n": len(y)})
-    return rows
-
-
-def precision_markdown(rows: list[dict]) -> str:
-    base = {r["model"]: r["kl_mean"] for r in rows if r["variant"] == "fp32"}
-    return markdown_table(["model", "attack", "variant", "final KL(p||q)", "KL / fp32's", "NA fp32 (%)",
-                           "RA of x' under fp32 (%)", "n"],
-                          [[r["model"], r["attack"], r["variant"], f"{r['kl_mean']:.4f}",
-                            f"{r['kl_mean'] / base[r['model']]:.3f}", 100 * r["na_fp32"], 100 * r["ra_fp32"], r["n"]]
-                           for r in rows])
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 def add_bench_parsers(p_bench: argparse.ArgumentParser) -> None:
     sub = p_bench.add_subparsers(dest="bench_command", required=True)
@@ -368,16 +326,12 @@ def add_bench_parsers(p_bench: argparse.ArgumentParser) -> None:
     k = sub.add_parser("kernels", help="Triton kernels against the eager and compiled references (CUDA)")
     k.add_argument("--repeats", type=int, default=7, help="timed rounds; default: 7")
     k.add_argument("--iters", type=int, default=50, help="calls per timed round; default: 50")
-    ap = sub.add_parser("attack-precision", help="the TRADES training attack under bf16 autocast against fp32")
-    ap.add_argument("--models", default="smallcnn,resnet18", help="briefly trained first; default: smallcnn,resnet18")
-    ap.add_argument("--batch", type=int, default=256, help="attacked images; default: 256")
-    ap.add_argument("--train-steps", type=int, default=150, help="clean training steps first (batch 64); default: 150")
     lo = sub.add_parser("loaders", help="images/s of each loader backend against the TRADES step's consumption")
     lo.add_argument("--backends", default=None, help="comma-separated; default: every backend but auto")
     lo.add_argument("--batch-size", type=int, default=128, help="default: 128")
     lo.add_argument("--repeats", type=int, default=3, help="interleaved windows per backend; default: 3")
     lo.add_argument("--step-model", default="resnet18", help="whose TRADES step the loaders are compared with")
-    for q in (p, k, ap, lo):
+    for q in (p, k, lo):
         q.add_argument("--device", default="auto" if q is not k else "cuda", help="device; default: %(default)s")
         q.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
         q.add_argument("--out", default=f"bench_out/{q.prog.split()[-1]}", help="report folder; default: %(default)s")
@@ -395,9 +349,6 @@ def run_bench(ns: argparse.Namespace) -> int:
                               compile=ns.compile, amp=ns.amp, reference=ns.reference, data_dir=ns.data_dir,
                               attack_steps=ns.attack_steps)
         text = step_markdown(data)
-    elif ns.bench_command == "attack-precision":
-        data = run_attack_precision(split(ns.models), ns.device, ns.batch, ns.train_steps, ns.data_dir)
-        text = f"Device: {device_description(resolve_device(ns.device))}.\n\n" + precision_markdown(data)
     elif ns.bench_command == "kernels":
         data = run_kernel_bench(ns.device, ns.repeats, ns.iters)
         text = kernel_markdown(data) if data else ""

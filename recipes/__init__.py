@@ -285,31 +285,10 @@ def run_cells(cells: Sequence[tuple[str, str, str]], profile: str, root: str | P
 
 
 def step_cost(configs) -> str:
-    """The compared rows' steps timed against each other in one process (the shared interleaved timer)."""
-    import torch
-
-    from fastrobust import report
-    from fastrobust.bench import count_flops, interleaved, sample_batch
-    from fastrobust.distributed import resolve_device
-    from fastrobust.models import create_model
-    from fastrobust.step import TrainStep
-    dev = resolve_device(configs[0].device)
-    x, y = sample_batch(configs[0].dataset, configs[0].batch_size, dev, configs[0].data_dir)
-
-    def timed(c) -> Any:
-        model = create_model(c.model, dataset=c.dataset, normalization=c.input_normalization)
-        step = TrainStep(c, model.to(dev, memory_format=torch.channels_last), dev)
-        return lambda: step(x, y) and None
-
+    """The compared rows' steps timed against each other in one process by the step bench
+    (:func:`fastrobust.bench.run_step_bench`): per row wall and CPU ms/step and GFLOP/step, and the ratios
+    of each row to the last one (the baseline: the row --compare named last, TRADES in the demo)."""
+    from fastrobust.bench import run_step_bench, step_markdown
     names = [Path(c.out_dir).parents[1].name for c in configs]   # the cells' names: two rows may share a method
-    steps = {n: timed(c) for n, c in zip(names, configs)}
-    t = {k: v.summary() for k, v in interleaved(steps, repeats=5, warmup=1, device=dev).items()}
-    flops = {n: count_flops(fn) for n, fn in steps.items()}
-    base = names[-1]   # the baseline: the row --compare named last (TRADES in the demo)
-    rows = [[k, 1e3 * v["wall_s"], 1e3 * v["cpu_s"], f"{flops[k] / 1e9:.3f}" if flops[k] else "n/a",
-             f"{v['wall_s'] / t[base]['wall_s']:.3f}", f"{v['cpu_s'] / t[base]['cpu_s']:.3f}",
-             f"{flops[k] / flops[base]:.3f}" if flops[k] and flops[base] else "n/a"] for k, v in t.items()]
-    return (f"**Step cost** (batch {configs[0].batch_size}, {report.device_description(dev)}; medians of 5 interleaved "
-            f"rounds; process CPU time beside wall time; FLOPs counted on one step)\n\n"
-            + report.markdown_table(["method", "ms/step (wall)", "ms/step (CPU)", "GFLOP/step", f"wall / {base}",
-                                     f"CPU / {base}", f"FLOPs / {base}"], rows) + "\n")
+    report = run_step_bench(configs=dict(zip(names, configs)), repeats=5, warmup=1, reference=False, progress=False)
+    return "**Step cost** of the compared rows\n\n" + step_markdown(report)

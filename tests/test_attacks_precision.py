@@ -4,20 +4,22 @@ resolution, so under autocast the attack's first step runs in fp32 (fastrobust.a
 Measured on the CPU (bf16 autocast behaves as on a GPU here) on a briefly trained SmallCNN, the paper's MNIST
 attack (PGD-20 x 0.01 at eps 0.3) from the same start: final KL(p || q) under plain bf16 is 0.84 of fp32's,
 with the first step in fp32 1.00 (BENCHMARKS.md). The thresholds below sit far from both figures, so CPU
-rounding differences cannot move a result across them.
+rounding differences cannot move a result across them. The measurement is the script
+recipes/attack_precision.py (``python -m recipes.attack_precision``).
 """
+import json
 import math
 
 import pytest
 import torch
 
 from fastrobust import attacks
-from fastrobust.bench import run_attack_precision
 from fastrobust.config import TrainConfig
 from fastrobust.methods import AT, TRADES
 from fastrobust.models import create_model
 from fastrobust.step import TrainStep
 from conftest import train_config
+from recipes import attack_precision
 
 
 def test_the_trades_start_vanishes_in_bf16():
@@ -32,7 +34,7 @@ def test_the_trades_start_vanishes_in_bf16():
 
 @pytest.fixture(scope="module")
 def precision(data_dir):
-    rows = run_attack_precision(["smallcnn"], "cpu", batch=256, train_steps=100, data_dir=str(data_dir))
+    rows = attack_precision.run_attack_precision(["smallcnn"], "cpu", batch=256, train_steps=100, data_dir=str(data_dir))
     return {r["variant"]: r for r in rows}
 
 
@@ -52,6 +54,24 @@ def test_bf16_attack_with_an_fp32_first_step_is_as_strong_as_fp32(precision):
 def test_plain_bf16_attack_is_measurably_weaker(precision):
     """What the fix is for: without the fp32 first step the attack ends at a much smaller KL."""
     assert precision["bf16"]["kl_mean"] <= 0.95 * precision["fp32"]["kl_mean"], precision
+
+
+def test_the_script_documents_every_flag_and_writes_its_report(tmp_path, data_dir, capsys):
+    """``python -m recipes.attack_precision``: --help names every flag; a tiny run writes the JSON rows and
+    the Markdown table (the BENCHMARKS.md figure's format), one row per precision variant."""
+    with pytest.raises(SystemExit) as exit_info:
+        attack_precision.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--models", "--batch", "--train-steps", "--device", "--data-dir", "--out"):
+        assert flag in shown, flag
+    out = tmp_path / "report"
+    assert attack_precision.main(["--models", "smallcnn", "--batch", "16", "--train-steps", "2", "--device", "cpu",
+                                  "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    rows = json.loads((out / "bench_attack-precision.json").read_text())
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16, first step fp32", "bf16, first 2 steps fp32"]
+    assert all(r["model"] == "smallcnn" and r["n"] == 16 and r["kl_mean"] >= 0 for r in rows)
+    assert "KL / fp32's" in (out / "bench_attack-precision.md").read_text()
 
 
 @pytest.mark.parametrize("method,amp,expected", [(TRADES(), "bf16", attacks.FP32_STEPS_UNDER_AMP), (TRADES(), "off", 0),

@@ -464,7 +464,7 @@ def small_files(tmp_path_factory):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         model(torch.rand(2, 1, 28, 28)).sum().backward()
         opt.step()
-        cfg = TrainConfig(dataset="mnist", model="smallcnn", eps=0.3).to_dict()
+        cfg = TrainConfig.from_dict({"dataset": "mnist", "model": "smallcnn", "eps": 0.3}).to_dict()
         state = {"format": ck.FORMAT, "spec": model.spec.to_dict(), "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
                  "ema": None, "epoch": 1, "batch": 0, "global_step": 3, "best": 0.25, "history": "[]",

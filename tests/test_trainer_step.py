@@ -294,6 +294,19 @@ def test_step_bench_reports_ratios_and_flops(data_dir):
     assert report["inputs"] == "test images" and "Ratios" in step_markdown(report)
 
 
+def test_recipe_step_cost_times_the_compared_configs_through_the_step_bench(data_dir):
+    """``make demo --step-bench`` (recipes.step_cost): the rows' own configs, timed by run_step_bench, each row
+    with wall and CPU ms/step and GFLOP/step, and its ratios to the last row (the baseline)."""
+    import recipes
+    configs = [recipes.make_config("mnist", r, "smallcnn", "demo", overrides={
+        "batch_size": 8, "attack_steps": 1, "device": "cpu", "data_dir": str(data_dir)}) for r in ("dtrades", "trades")]
+    text = recipes.step_cost(configs)
+    assert "PGD-1 training attack" in text and "CPU ms" in text and "GFLOP/step" in text
+    table = {line.split(" | ")[2]: line for line in text.splitlines() if line.startswith("| smallcnn | 8 |")}
+    assert {"mnist_dtrades_smallcnn", "mnist_trades_smallcnn", "mnist_dtrades_smallcnn / mnist_trades_smallcnn"} \
+        == set(table), text
+
+
 def test_nothing_we_import_changes_torch_threads():
     """ffcv sets torch's thread count to 1 on import: that would halve CPU training speed unnoticed."""
     from fastrobust.report import versions
