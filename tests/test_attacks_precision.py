@@ -86,7 +86,7 @@ def test_training_step_runs_the_first_step_in_fp32_under_amp(monkeypatch, method
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("fastrobust.step.pgd_perturb", spy)
+    monkeypatch.setattr("fastrobust.attacks.pgd_perturb", spy)   # what the training PGD object calls
     cfg = train_config(dataset="mnist", model="smallcnn", method=method, amp=amp, device="cpu", eps=0.3,
                       attack_steps=2, attack_step_size=0.15).validate()
     step = TrainStep(cfg, create_model("smallcnn", dataset="mnist"), torch.device("cpu"))
