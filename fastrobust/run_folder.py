@@ -118,7 +118,11 @@ def _show(value: Any) -> str:
 
 def compare_configs(old: dict, new: dict) -> tuple[list[str], dict[str, list]]:
     """``(training, allowed)``: the differences that change the trained model, as ``field: old -> new``
-    lines, and the others as ``{field: [old, new]}`` (:data:`START_OPTIONS` left out)."""
+    lines, and the others as ``{field: [old, new]}`` (:data:`START_OPTIONS` left out). A method option
+    renamed since ``old`` was recorded compares under its name now."""
+    from .methods import current_option_names
+    if isinstance(old.get("method"), dict):
+        old = {**old, "method": current_option_names(old["method"])}
     old_flat, new_flat = _flat(old), _flat(new)
     defaults = _defaults(old_flat.get("method.name"))
     method_changed = old_flat.get("method.name") != new_flat.get("method.name")
