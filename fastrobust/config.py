@@ -20,7 +20,7 @@ import loaders
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS, NORMS, OBJECTIVES, PGD, RANDOM_STARTS
 from .errors import ConfigError, check_radius, radius_bound, unknown_name
-from .methods import TRADES, Method, method_from_dict
+from .methods import TRADES, Method, current_option_names, method_from_dict
 from .models import INPUT_NORMALIZATIONS, list_models
 from .options import check_fields, option
 
@@ -222,8 +222,11 @@ class TrainConfig:
 
 
 def upgraded(d: dict[str, Any]) -> dict[str, Any]:
-    """A config mapping with its flat training-attack keys (:data:`FLAT_ATTACK_KEYS`) moved under "attack"."""
+    """A config mapping in today's layout: its flat training-attack keys (:data:`FLAT_ATTACK_KEYS`) moved
+    under "attack", a recorded method's renamed options (``Method.renamed_options``) under their names now."""
     d = dict(d)
+    if isinstance(d.get("method"), dict):
+        d["method"] = current_option_names(d["method"])
     flat = {FLAT_ATTACK_KEYS[k]: d.pop(k) for k in FLAT_ATTACK_KEYS if k in d}
     if flat:
         attack = d.get("attack")

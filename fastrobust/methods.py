@@ -73,6 +73,7 @@ class Method:
     random_start: ClassVar[str] = "trades"   # x + 0.001 N(0, 1), as in the official TRADES and MART code
     faal_base: ClassVar[bool] = False        # FAAL can reweight this method's per-sample loss per class
     extends: ClassVar[str | None] = None     # the method whose step this one adds to: the bench's cost ratio
+    renamed_options: ClassVar[dict[str, str]] = {}   # an option's former name -> its name: older records still read
 
     # What the rest of the library asks a method, so that no method's name or option is read outside its class.
     @property
@@ -106,15 +107,25 @@ class Method:
         raise NotImplementedError
 
 
+def current_option_names(d: dict) -> dict:
+    """A recorded ``to_dict()`` with the options its method has renamed since (:attr:`Method.renamed_options`)
+    under their names now: what a run folder or checkpoint written before the rename holds reads as today's."""
+    cls = METHODS.get(d.get("name")) if isinstance(d.get("name"), str) else None
+    if cls is None or not cls.renamed_options:
+        return d
+    return {cls.renamed_options.get(key, key): value for key, value in d.items()}
+
+
 def method_from_dict(d: dict | str | Method) -> Method:
-    """A method from its name or its ``to_dict()`` (manifests, recipes, ``--set method=...``)."""
+    """A method from its name or its ``to_dict()`` (manifests, recipes, ``--set method=...``); a record
+    of an older version, with options since renamed, reads under their names now."""
     if isinstance(d, Method):
         return d
     if isinstance(d, str):
         d = {"name": d}
     if not isinstance(d, dict) or "name" not in d:
         raise ConfigError(f"a method must be a name or a mapping with a 'name', got {d!r}")
-    d = dict(d)
+    d = dict(current_option_names(d))
     name = d.pop("name")
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
@@ -190,7 +201,8 @@ class MART(Method):
 @register_method
 @dataclass
 class DTRADES(Method):
-    """TRADES with a per-sample weight lambda_i = scale (alpha norm(H_i) + beta norm(s_i)), detached.
+    """TRADES with a per-sample weight lambda_i = lambda_scale (alpha N(H_i) + beta N(s_i)), detached, where N is
+    the batch normalisation ``normalize`` (the paper's min-max).
 
     H_i = -sum_c p_ic log(p_ic + entropy_eps) is the clean prediction's entropy, s_i = ||grad_{x'_i}
     KL(p_i||q_i)||_2 the sensitivity at the adversarial point. Sensitivity modes:
@@ -199,16 +211,19 @@ class DTRADES(Method):
       attack - the input gradient of the last PGD step, already computed: free;
       func   - torch.func vmap(grad) per sample, with batch norm on running statistics (a one-sample
                batch has none); equals ``exact`` for models without batch-coupled layers or in eval mode.
-    ``norm="mean"`` with ``scale`` sets the batch-mean lambda to scale (alpha + beta), e.g. to match a
-    TRADES beta: the paper's min-max lambda averages about 1 while TRADES uses 4 to 6.
+    ``normalize="mean"`` with ``lambda_scale`` sets the batch-mean lambda to lambda_scale (alpha + beta), e.g.
+    to match a TRADES beta: the paper's min-max lambda averages about 1 while TRADES uses 4 to 6. The options
+    are named as the parameters of :func:`kernels.dtrades_loss` and the flags (``--dtrades-normalize``,
+    ``--dtrades-lambda-scale``); records written when they were ``norm`` and ``scale`` still read.
     """
     name: ClassVar[str] = "dtrades"
     extends: ClassVar[str | None] = "trades"
+    renamed_options: ClassVar[dict[str, str]] = {"norm": "normalize", "scale": "lambda_scale"}
     alpha: float = option(1.0, "weight of the normalised clean entropy H in lambda", low=0)
     beta: float = option(1.0, "weight of the normalised sensitivity s in lambda", low=0)
-    norm: str = option("minmax", "batch normalisation of H and s (the paper: minmax)", choices=kernels.NORMALIZE_MODES,
-                       kind="lambda normalisation")
-    scale: float = option(1.0, "factor on lambda", low=0)
+    normalize: str = option("minmax", "batch normalisation of H and s (the paper: minmax)",
+                            choices=kernels.NORMALIZE_MODES, kind="lambda normalisation")
+    lambda_scale: float = option(1.0, "factor on lambda", low=0)
     sensitivity: str = option("exact", "how s is computed: exact, attack (free) or func (torch.func)",
                               choices=("exact", "attack", "func"), kind="sensitivity mode")
     sync: str = option("local", "under DDP, normalise H and s per process (local, the paper's per-GPU batch) "
@@ -243,8 +258,9 @@ class DTRADES(Method):
         else:
             s = per_sample_sensitivity(model, x_adv, z.detach())
         reduce = dist.all_reduce if distributed and self.sync == "global" else None
-        out = kernels.dtrades_loss(z, z_adv, y, s.detach(), self.alpha, self.beta, self.norm, self.scale,
-                                   self.entropy_eps, reduce=reduce, backend=backend)
+        out = kernels.dtrades_loss(z, z_adv, y, s.detach(), alpha=self.alpha, beta=self.beta, normalize=self.normalize,
+                                   lambda_scale=self.lambda_scale, entropy_eps=self.entropy_eps, reduce=reduce,
+                                   backend=backend)
         stats = {"kl": out.head.kl, "weighted_kl": (out.lam * out.head.kl).detach(), "lambda": out.lam.detach(),
                  "entropy": out.head.entropy, "sensitivity": s.detach(), "ce_nat": out.head.ce_nat}
         return MethodOutput(out.loss, stats, z, z_adv)

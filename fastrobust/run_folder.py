@@ -118,9 +118,10 @@ def _show(value: Any) -> str:
 
 def compare_configs(old: dict, new: dict) -> tuple[list[str], dict[str, list]]:
     """``(training, allowed)``: the differences that change the trained model, as ``field: old -> new``
-    lines, and the others as ``{field: [old, new]}`` (:data:`START_OPTIONS` left out)."""
+    lines, and the others as ``{field: [old, new]}`` (:data:`START_OPTIONS` left out). A record of an
+    older layout (flat training-attack keys, a method option renamed since) compares in today's names."""
     from .config import upgraded
-    old_flat, new_flat = _flat(upgraded(old)), _flat(upgraded(new))   # records from before TrainConfig.attack too
+    old_flat, new_flat = _flat(upgraded(old)), _flat(upgraded(new))
     defaults = _defaults(old_flat.get("method.name"))
     method_changed = old_flat.get("method.name") != new_flat.get("method.name")
     training, allowed = [], {}

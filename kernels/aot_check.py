@@ -32,7 +32,7 @@ def _bwd_sig(dt):
 
 _REDUCE_SIG = {"stats_ptr": "*fp32", "s_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*fp32", "lam_ptr": "*fp32",
                "loss_ptr": "*fp32", "B": "i32", "w_scalar": "fp32", "alpha": "fp32", "beta": "fp32",
-               "scale": "fp32", "mart_eps": "fp32"}
+               "lambda_scale": "fp32", "mart_eps": "fp32"}
 _PGD_SIG = {"xa_ptr": "*fp32", "g_ptr": "*fp32", "xn_ptr": "*fp32", "out_ptr": "*fp32", "gn_ptr": "*fp32",
             "N": "i32", "step_size": "fp32", "eps": "fp32", "tiny": "fp32"}
 

@@ -8,7 +8,7 @@ It reads the statistics table of :mod:`kernels.fused_loss_head` and writes the s
 D-TRADES, lambda). B is at most a few thousand, so one program loops over the batch:
 
 * D-TRADES with ``minmax`` / ``mean``: pass 1 takes min, max and sum of H (the entropy row) and s;
-  pass 2 forms ``lam = scale (alpha norm(H) + beta norm(s))``, stores it and accumulates the loss.
+  pass 2 forms ``lam = lambda_scale (alpha norm(H) + beta norm(s))``, stores it and accumulates the loss.
   ``minmax`` gives 0.5 where max == min, ``mean`` gives 1 where the mean is 0 (never NaN).
 * TRADES: ``lam`` is the given float or (B,) tensor; MART: the per-sample MART term.
 * loss = (1/B) sum_i c_i l_i, accumulated in float32.
@@ -28,7 +28,7 @@ _MAX_BLOCK = 1024
 @lazy_jit
 def _weights_reduce_kernel(
     stats_ptr, s_ptr, w_ptr, c_ptr, lam_ptr, loss_ptr,
-    B, w_scalar, alpha, beta, scale, mart_eps,
+    B, w_scalar, alpha, beta, lambda_scale, mart_eps,
     MODE: tl.constexpr, NORM: tl.constexpr, W_TENSOR: tl.constexpr, HAS_C: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -90,7 +90,7 @@ def _weights_reduce_kernel(
                 else:
                     h_n = h
                     s_n = s
-                lam = scale * (alpha * h_n + beta * s_n)
+                lam = lambda_scale * (alpha * h_n + beta * s_n)
                 tl.store(lam_ptr + idx, lam, mask=m)
             elif W_TENSOR:
                 lam = tl.load(w_ptr + idx, mask=m, other=0.0).to(tl.float32)

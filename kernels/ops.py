@@ -195,9 +195,11 @@ def _split_weight(kl_weight, like: Tensor) -> tuple[Optional[Tensor], float]:
     return None, float(kl_weight)
 
 
-def _check_per_sample(name: str, t: Optional[Tensor], B: int) -> None:
-    if t is not None and tuple(t.shape) != (B,):
-        raise ValueError(f"{name} must be a ({B},) tensor, got {tuple(t.shape)}")
+def _check_per_sample(B: int, **tensors: Optional[Tensor]) -> None:
+    """Each given tensor (by its argument's name) is None or of shape (B,)."""
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be a ({B},) tensor, got {tuple(t.shape)}")
 
 
 def _head(stats: Tensor, widx: Tensor) -> LossHead:
@@ -209,8 +211,7 @@ def trades_loss(z: Tensor, z_adv: Tensor, y: Tensor, kl_weight, sample_weight: O
     if isinstance(kl_weight, Tensor) and kl_weight.dim() == 0:
         kl_weight = kl_weight.detach().expand(B)
     w, w_scalar = _split_weight(kl_weight, z)
-    _check_per_sample("kl_weight", w, B)
-    _check_per_sample("sample_weight", sample_weight, B)
+    _check_per_sample(B, kl_weight=w, sample_weight=sample_weight)
     loss, stats, widx = trades_loss_op(z, z_adv, y, w, w_scalar, _f32(sample_weight, z))
     return LossOutput(loss, _head(stats, widx))
 
@@ -219,15 +220,14 @@ def dtrades_loss(z: Tensor, z_adv: Tensor, y: Tensor, sensitivity: Tensor, alpha
                  normalize: str = "minmax", lambda_scale: float = 1.0, entropy_eps: float = 1e-12,
                  sample_weight: Optional[Tensor] = None) -> LossOutput:
     B = z.shape[0]
-    _check_per_sample("sensitivity", sensitivity, B)
-    _check_per_sample("sample_weight", sample_weight, B)
+    _check_per_sample(B, sensitivity=sensitivity, sample_weight=sample_weight)
     loss, lam, stats, widx = dtrades_loss_op(z, z_adv, y, _f32(sensitivity, z), float(alpha), float(beta), normalize,
                                              float(lambda_scale), float(entropy_eps), _f32(sample_weight, z))
     return LossOutput(loss, _head(stats, widx), lam)
 
 
 def mart_loss(z: Tensor, z_adv: Tensor, y: Tensor, beta: float, sample_weight: Optional[Tensor] = None) -> LossOutput:
-    _check_per_sample("sample_weight", sample_weight, z.shape[0])
+    _check_per_sample(z.shape[0], sample_weight=sample_weight)
     loss, stats, widx = mart_loss_op(z, z_adv, y, float(beta), _f32(sample_weight, z))
     return LossOutput(loss, _head(stats, widx))
 

@@ -43,7 +43,7 @@ from typing import Sequence
 from fastrobust.attacks import ATTACKS
 from recipes import run_cells, run_dir
 from recipes.questions import tested_claims
-from recipes.protocols import ARCHS
+from recipes.protocols import ABLATION, ARCHS
 from recipes.protocols import DISPLAY as NAMES
 from recipes.protocols import PROFILES
 from recipes.published import PRINTED, PRINTED_SOURCE, SEED, STORED, STORED_SOURCE, Published, printed_value, \
@@ -52,7 +52,6 @@ from recipes.report_checks import NUMERIC_SLACK, RULES, Flag, report_flags
 from recipes.report_claims import CLAIMS
 
 LABELS = {name: "AA" if name == "autoattack" else name.upper() for name in ATTACKS}
-ABLATION = ("dtrades_half", "dtrades")
 MISSING = "—"
 REPORT_PROFILE = "paper"   # the profile that trains the report's protocol: the only one beside its numbers
 

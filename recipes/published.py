@@ -12,9 +12,9 @@ repository  The evaluation results the report's repository stores (Jorgee18/Semi
             stored precision (fractions x 100). ``na`` with an attack is the natural accuracy of that attack's
             own points (AutoAttack's first 1000 test images), from which that code subtracts AutoAttack's RA.
 
-Both files use the report's names: methods as its tables print them (:data:`REPORT_ROWS` maps them onto
-this project's rows), attacks ``fgsm``, ``pgd20``, ``autoattack`` (:data:`REPORT_ATTACKS`), metrics ``na``,
-``ra``, ``rd``, ``asr``; architectures and datasets are this project's registry names.
+Both files use the report's names: methods as its tables print them (:data:`recipes.protocols.REPORT_ROWS`
+maps them onto this project's rows), attacks ``fgsm``, ``pgd20``, ``autoattack`` (:data:`REPORT_ATTACKS`),
+metrics ``na``, ``ra``, ``rd``, ``asr``; architectures and datasets are this project's registry names.
 
 How the report's code evaluated (its notebooks), which is not this project's protocol: PGD-20 with step
 0.003 and a uniform start on both datasets (MNIST included) at the training radius; FGSM at eps 0.03 on
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loaders.errors import DataError
+from recipes.protocols import REPORT_ROWS
 
 DATA = Path(__file__).resolve().with_name("data")
 PRINTED_CSV = DATA / "tables.csv"
@@ -39,16 +40,8 @@ STORED_SOURCE = ("the report's repository's stored results (Jorgee18/Seminario R
                  "notebook output @ 801747a; recipes/data/repository_results.csv)")
 SOURCE = STORED_SOURCE   # the name this module used for its only source before the printed tables were read
 
-# The report's names -> this project's: its methods as its tables print them, and its attacks.
-REPORT_ROWS = {
-    "Standard": "standard",
-    "TRADES": "trades",
-    "MART": "mart",
-    "FAAL": "faal",
-    "D-TRADES": "dtrades",                          # Tables 6.3-6.8: the alpha = beta = 1 model (Section 6.5)
-    "D-TRADES alpha=1.0 beta=1.0": "dtrades",
-    "D-TRADES alpha=0.5 beta=0.5": "dtrades_half",
-}
+# The report's names -> this project's: its methods as its tables print them (the rows' data, with the rows in
+# recipes/protocols.py), and its attacks.
 REPORT_ATTACKS = {"fgsm": "fgsm", "pgd20": "pgd", "autoattack": "autoattack"}
 REPORT_ATTACK_LABELS = {"fgsm": "FGSM", "pgd20": "PGD-20", "autoattack": "AutoAttack"}   # as its tables head them
 METRICS = ("na", "ra", "rd", "asr")

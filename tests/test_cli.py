@@ -199,6 +199,9 @@ def test_valid_flags_parse_to_their_values():
     assert cfg.eval.attacks == ("pgd",) and cfg.lr_milestones == (1.0, 2.0) and cfg.ema_decay is None
     cfg = parse_train_config(["--method", "faal", "--faal-r", "0.5", "--faal-base", "at", "--eps", "8/255"])
     assert (cfg.method.name, cfg.method.r, cfg.method.base, cfg.attack.eps) == ("faal", 0.5, "at", 8 / 255)
+    # a method's flags are its options' names: D-TRADES' normalize and lambda_scale, as kernels.dtrades_loss names them
+    cfg = parse_train_config(["--method", "dtrades", "--dtrades-normalize", "mean", "--dtrades-lambda-scale", "3"])
+    assert (cfg.method.normalize, cfg.method.lambda_scale) == ("mean", 3.0)
     # the default method is TRADES: its options need no --method
     assert parse_train_config(["--trades-beta", "4"]).method.beta == 4.0
 
@@ -349,7 +352,7 @@ BASE = ["train", "--dataset", "mnist", "--model", "smallcnn", "--no-progress"]
     (["--eval-attacks", "pgd,autoatack"], "unknown attack 'autoatack'. Did you mean 'autoattack'?"),
     (["--eval-aa-attacks", "apgd-cd", "--eval-aa-version", "custom"], "Did you mean 'apgd-ce'"),
     (["--method", "dtrades", "--dtrades-sync", "globl"], "unknown lambda sync mode 'globl'. Did you mean 'global'"),
-    (["--method", "dtrades", "--dtrades-norm", "minmx"], "unknown lambda normalisation 'minmx'. Did you mean 'minmax'"),
+    (["--method", "dtrades", "--dtrades-normalize", "minmx"], "unknown lambda normalisation 'minmx'. Did you mean 'minmax'"),
     (["--method", "faal", "--faal-base", "trade"], "Did you mean 'trades'"),
     (["--trades-beta", "-1"], "trades beta must be a finite number >= 0, got -1.0"),
     (["--method", "mart", "--trades-beta", "4"], "--trades-beta is an option of method trades, but the method is mart"),

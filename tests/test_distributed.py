@@ -355,8 +355,8 @@ def _two_rank_reduce(other: torch.Tensor, norm: str):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("norm", ["minmax", "mean"])
-def test_global_lambda_is_the_same_loss_as_the_fused_one(norm, backend, mnist_test):
+@pytest.mark.parametrize("normalize", ["minmax", "mean"])
+def test_global_lambda_is_the_same_loss_as_the_fused_one(normalize, backend, mnist_test):
     """sync="global" normalises H and s through reduce() (with the Triton kernels: lambda formed outside
     the kernel, the fused TRADES loss taking it as its KL weight); in one process, where the all-reduce
     is the identity, that is the local normalisation (the fused kernel's own). And the statistics of two
@@ -372,7 +372,7 @@ def test_global_lambda_is_the_same_loss_as_the_fused_one(norm, backend, mnist_te
     adv = AdvBatch(res.x_adv, res.last_grad_norm)
     outs = {}
     for sync in ("local", "global"):
-        out = DTRADES(norm=norm, sync=sync).loss(model, x, y, adv, backend=backend, distributed=True)
+        out = DTRADES(normalize=normalize, sync=sync).loss(model, x, y, adv, backend=backend, distributed=True)
         outs[sync] = (out, torch.autograd.grad(out.loss, list(model.parameters())))
     (a, ga), (b, gb) = outs["local"], outs["global"]
     # rtol 1e-5: 40x the one-ulp (2.4e-7) lambda gap measured under AVX2 (see the gradients below)
@@ -386,9 +386,9 @@ def test_global_lambda_is_the_same_loss_as_the_fused_one(norm, backend, mnist_te
         assert float((u - v).norm()) <= 1e-5 * float(u.norm()) + 1e-12
     # two shards' statistics reduced by hand = the whole batch's
     h = b.stats["entropy"]
-    whole = normalize_batch(h, norm)
-    sharded = normalize_batch(h[1::2], norm, reduce=_two_rank_reduce(h[0::2], norm))
-    if norm == "minmax":
+    whole = normalize_batch(h, normalize)
+    sharded = normalize_batch(h[1::2], normalize, reduce=_two_rank_reduce(h[0::2], normalize))
+    if normalize == "minmax":
         assert torch.equal(sharded, whole[1::2])
     else:
         assert torch.allclose(sharded, whole[1::2], rtol=1e-5)   # sum / count in another order: a few ulps

@@ -9,8 +9,9 @@ from conftest import random_smallcnn, train_config
 from fastrobust import distributed as dist
 from fastrobust.attacks import pgd_perturb, random_start
 from fastrobust.config import TrainConfig
+from fastrobust.errors import ConfigError
 from fastrobust.methods import (AT, DTRADES, FAAL, MART, TRADES, AdvBatch, Standard, class_margins,
-                                dro_class_weights, per_sample_sensitivity)
+                                dro_class_weights, method_from_dict, per_sample_sensitivity)
 from fastrobust.step import TrainStep
 
 EPS = 0.3  # the MNIST training radius
@@ -72,7 +73,7 @@ def formula(m, model, x, x_adv, y, sens=None, class_w=None):
         p = _probs(z).detach()
         h = -(p * torch.log(p + m.entropy_eps)).sum(1)
         mm = lambda v: (v - v.min()) / (v.max() - v.min())  # noqa: E731
-        lam = m.scale * (m.alpha * mm(h) + m.beta * mm(sens))
+        lam = m.lambda_scale * (m.alpha * mm(h) + m.beta * mm(sens))
         return _ce(z, y).mean() + (lam * _kl(z, z_adv)).mean()
     if m.name == "faal":
         c = z_adv.shape[1]
@@ -209,7 +210,7 @@ def test_dtrades_with_constant_lambda_equals_trades():
     model = _model(8)
     x, x_adv, y = _batch(8)
     ones = torch.ones(len(y), dtype=torch.float64)
-    ld = _loss(DTRADES(sensitivity="attack", norm="none", alpha=0.0, beta=c), model, x, y, AdvBatch(x_adv, ones))
+    ld = _loss(DTRADES(sensitivity="attack", normalize="none", alpha=0.0, beta=c), model, x, y, AdvBatch(x_adv, ones))
     lt = _loss(TRADES(beta=c), model, x, y, AdvBatch(x_adv))
     assert torch.equal(ld.stats["lambda"], torch.full_like(ones, c))
     torch.testing.assert_close(ld.loss, lt.loss, rtol=1e-14, atol=0)
@@ -218,9 +219,24 @@ def test_dtrades_with_constant_lambda_equals_trades():
 def test_dtrades_mean_normalisation_sets_batch_mean_lambda():
     model = _model(9)
     x, x_adv, y = _batch(9)
-    m = DTRADES(norm="mean", scale=3.0)
+    m = DTRADES(normalize="mean", lambda_scale=3.0)
     lam = _loss(m, model, x, y, AdvBatch(x_adv)).stats["lambda"]
     assert math.isclose(float(lam.mean()), 3.0 * (m.alpha + m.beta), rel_tol=1e-9)
+
+
+def test_a_dtrades_record_with_the_former_option_names_reads_under_the_names_now():
+    """Run folders and checkpoints written before the rename record D-TRADES' normalize and lambda_scale
+    as norm and scale: they load (and so resume) as the same method, written back under the names now."""
+    old = {"name": "dtrades", "alpha": 1.0, "beta": 1.0, "norm": "mean", "scale": 3.0, "sensitivity": "attack",
+           "sync": "local", "entropy_eps": 1e-12}
+    m = method_from_dict(old)
+    assert m == DTRADES(normalize="mean", lambda_scale=3.0, sensitivity="attack")
+    assert m.to_dict() == {**{k: v for k, v in old.items() if k not in ("norm", "scale")},
+                           "normalize": "mean", "lambda_scale": 3.0}
+    assert TrainConfig.from_dict({"method": old}).validate().method == m
+    assert method_from_dict(m.to_dict()) == m
+    with pytest.raises(ConfigError, match="unknown trades option 'norm'"):   # a rename is one method's own
+        method_from_dict({"name": "trades", "norm": "mean"})
 
 
 @pytest.mark.parametrize("base", ["at", "mart"])

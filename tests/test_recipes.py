@@ -162,8 +162,8 @@ def test_ablation_rows_exist_for_every_dataset_and_architecture(tmp_path):
         for arch in archs:
             half = _config("paper", dataset, "dtrades_half", arch, tmp_path).method
             full = _config("paper", dataset, "dtrades", arch, tmp_path).method
-            assert half == DTRADES(alpha=0.5, beta=0.5, norm="minmax", scale=1.0), (dataset, arch)
-            assert full == DTRADES(alpha=1.0, beta=1.0, norm="minmax", scale=1.0), (dataset, arch)
+            assert half == DTRADES(alpha=0.5, beta=0.5, normalize="minmax", lambda_scale=1.0), (dataset, arch)
+            assert full == DTRADES(alpha=1.0, beta=1.0, normalize="minmax", lambda_scale=1.0), (dataset, arch)
 
 
 def test_at_has_a_recipe_for_every_dataset_and_architecture(tmp_path):

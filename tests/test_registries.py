@@ -4,17 +4,20 @@ backends, datasets, profiles) comes from its registry, and no other list of thos
 The check reads every module of the four packages and flags any literal tuple, list, set or dict keys of
 two or more strings of one registry, unless it is that registry's own definition. The recipes' protocol
 tables (recipes/protocols.py, recipes/published.py) are exempt: they name the cells a profile trains and
-the seed's numbers, which is data about the paper, not a list of valid choices.
+the seed's numbers, which is data about the paper, not a list of valid choices. A method's name, and an
+option only one method has, are spelt nowhere but in its class and in the protocol rows (recipes/protocols.py).
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import kernels
 import loaders
 import recipes
-from fastrobust.attacks import ATTACKS
+from fastrobust.attacks import AA_VERSIONS, ATTACKS, RANDOM_STARTS
+from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.methods import METHODS
 from fastrobust.models import list_models
 
@@ -116,3 +119,45 @@ def test_the_method_check_catches_a_name_test():
     for code in leaks:
         assert list(_reads_a_method_by_name(ast.parse(code))), code
     assert not list(_reads_a_method_by_name(ast.parse('ok = cfg.method.double_backward')))
+
+
+# -- a method's name and its own options are spelt in its class and the protocol rows only ---------------------
+
+SPELLING_HOMES = {METHOD_HOME, "recipes/protocols.py"}
+OTHER_MEANINGS = set(RANDOM_STARTS) | set(AA_VERSIONS)   # "trades" is also a random start, "standard" an AA version
+CONFIG_FIELDS = {f.name for cls in (TrainConfig, EvalConfig) for f in dataclasses.fields(cls)}
+# an option of one method only, and no config field's name; longer than a letter (FAAL's r is also open()'s mode)
+OWN_OPTIONS = {name for name in OPTIONS if len(name) > 1 and name not in CONFIG_FIELDS
+               and sum(name in {f.name for f in dataclasses.fields(cls)} for cls in METHODS.values()) == 1}
+READ_CONFIGS = ("fastrobust", "recipes")   # the packages that hold methods and read their records
+
+
+def _spells_a_method(tree: ast.AST, options: bool = True):
+    """(line, what) of every string that is a method's name or, with ``options``, an option of one method."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value in METHODS and node.value not in OTHER_MEANINGS:
+                yield node.lineno, f"the method name {node.value!r}"
+            elif options and node.value in OWN_OPTIONS:
+                yield node.lineno, f"the method option {node.value!r}"
+
+
+def test_no_method_name_or_own_option_is_spelt_outside_its_class():
+    """What a module needs of a method comes from the method (a declaration, a registry entry) or from the
+    protocol rows' own data, never from its name or its option written out again. The kernels and loaders
+    know no method, and there an option's name is their own (the kernels' parameters are named as the options
+    they take, D-TRADES' normalize and lambda_scale; a loader's "base" backend): only method names are looked for."""
+    found = [f"{rel}:{line}: {what}" for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+             if (rel := path.relative_to(REPO).as_posix()) not in SPELLING_HOMES
+             for line, what in _spells_a_method(ast.parse(path.read_text()), options=package in READ_CONFIGS)]
+    assert not found, ("a method's name or option spelt outside its class and the protocol rows (declare it on "
+                       "the method, or read the row's data):\n" + "\n".join(found))
+
+
+def test_the_spelling_check_catches_a_name_and_an_option():
+    assert {"dtrades", "sensitivity"} <= set(METHODS) | OWN_OPTIONS
+    for code in ('ABLATION = ("dtrades_half", "dtrades")', 'mode = cfg["method"]["sensitivity"]',
+                 '_check("sensitivity", s, B)'):
+        assert list(_spells_a_method(ast.parse(code))), code
+    assert not list(_spells_a_method(ast.parse('start = random_start(x, eps, "linf", "trades")')))
+    assert not list(_spells_a_method(ast.parse('x = cfg["norm"]')))   # the threat model, no method's option

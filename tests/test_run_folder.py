@@ -22,7 +22,7 @@ from fastrobust import checkpoint as ck
 from fastrobust import run_folder, tensorboard_log
 from fastrobust.config import EvalConfig, TrainConfig
 from fastrobust.errors import ConfigError, TrainingInterrupted
-from fastrobust.methods import MART, TRADES
+from fastrobust.methods import DTRADES, MART, TRADES
 from fastrobust.train import Trainer, train
 from conftest import train_config
 
@@ -95,6 +95,22 @@ def finished(tmp_path_factory, data_dir) -> Path:
 def run_copy(finished, tmp_path) -> Path:
     shutil.copytree(finished, tmp_path / "run")
     return tmp_path / "run"
+
+
+def test_a_config_recorded_before_a_method_option_was_renamed_resumes():
+    """A checkpoint or manifest written when D-TRADES' normalize and lambda_scale were norm and scale
+    compares equal to the same run now, and a real change of them is still refused under the names now."""
+    base = TrainConfig(dataset="mnist", model="smallcnn", method=DTRADES(normalize="mean", lambda_scale=3.0)).to_dict()
+    method = {("norm" if k == "normalize" else "scale" if k == "lambda_scale" else k): v
+              for k, v in base["method"].items()}
+    old = dict(base, method=method)
+    assert "normalize" not in old["method"] and run_folder.compare_configs(old, base) == ([], {})
+    other = dict(base, method=dict(base["method"], normalize="minmax"))
+    assert run_folder.compare_configs(old, other)[0] == ["method.normalize: mean -> minmax"]
+    stored = REPO / "recipes/results/mnist_dtrades_smallcnn/cpu_eps03/seed0/manifest.json"   # one written before
+    if stored.is_file():
+        recorded = json.loads(stored.read_text())["config"]
+        assert run_folder.compare_configs(recorded, TrainConfig.from_dict(recorded).validate().to_dict()) == ([], {})
 
 
 # -- 1. --resume continues only the run it was ----------------------------------------------------------

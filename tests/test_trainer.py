@@ -109,8 +109,8 @@ def test_manifest_records_options_split_self_checks_and_a_weak_training_attack(t
         trainer.fit()
     out = Path(cfg.out_dir)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["method"] == {"name": "dtrades", "alpha": 0.5, "beta": 2.0, "norm": "minmax",
-                                            "scale": 1.0, "sensitivity": "attack", "sync": "local",
+    assert manifest["config"]["method"] == {"name": "dtrades", "alpha": 0.5, "beta": 2.0,
+                                            "normalize": "minmax", "lambda_scale": 1.0, "sensitivity": "attack", "sync": "local",
                                             "entropy_eps": 1e-12}
     assert manifest["data_split"]["train"] == [0, 64]
     assert manifest["data_split"]["validation"] == [MNIST_TRAIN - 16, MNIST_TRAIN]   # the last 16 training images
