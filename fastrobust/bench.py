@@ -154,7 +154,7 @@ def run_step_bench(methods: Sequence[Method] = (), models: Sequence[str] = (), b
     if configs:
         c = list(configs.values())[-1]
         models, batches, dataset, data_dir, device = [c.model], [c.batch_size], c.dataset, c.data_dir, c.device
-        compile, amp, attack_steps = c.compile, c.amp, c.attack_steps
+        compile, amp, attack_steps = c.compile, c.amp, c.attack.steps
     dev = resolve_device(device)
     compile = dev.type == "cuda" if compile is None else compile
     rows, ratios = [], []

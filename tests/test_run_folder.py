@@ -121,7 +121,7 @@ def test_resume_with_other_training_settings_is_refused_and_changes_nothing(run_
                 "--train-limit", "128", "--eps", "0.2", "--attack-steps", "2", "--seed", "5", "--amp", "bf16")
     line = _refused(done)
     for diff in ("method.name: trades -> standard", "lr: 0.01 -> 0.5", "batch_size: 64 -> 32",
-                 "train_limit: 256 -> 128", "eps: 0.3 -> 0.2", "attack_steps: 1 -> 2", "seed: 0 -> 5",
+                 "train_limit: 256 -> 128", "attack.eps: 0.3 -> 0.2", "attack.steps: 1 -> 2", "seed: 0 -> 5",
                  "amp: auto -> bf16", "amp (as resolved on the device): off -> bf16"):
         assert diff in line, (diff, line)
     assert "--overwrite" in line and "step-00000008.pt" in line
