@@ -167,7 +167,7 @@ def test_a_ddp_step_equals_a_single_process_step(ddp_run, tmp_path, data_dir, in
     ckpts = runs / f"mnist_{method}_smallcnn" / "smoke" / "seed0" / "checkpoints"
     before, after = load_checkpoint(ckpts / "step-00000003.pt"), load_checkpoint(ckpts / "step-00000004.pt")
     assert before["world_size"] == 2 and len(before["rng_ranks"]) == 2
-    assert before["config"]["norm"] == "l2" and (method != "dtrades" or before["config"]["method"]["sync"] == "global")
+    assert before["config"]["attack"]["norm"] == "l2" and (method != "dtrades" or before["config"]["method"]["sync"] == "global")
     with _rank_threads():
         # in channels_last, as the trainer runs the model; a few ulps of the logits at most between batch
         # shapes (bitwise equal on AVX-512, AVX2 and SSE4.1 as measured), which the bound below absorbs
