@@ -12,6 +12,10 @@ mode). :data:`METHODS` is the one list of method names: the config, the CLI, the
 read it. The losses go through :mod:`kernels` (fused Triton on CUDA, the plain PyTorch reference on
 the CPU) and return their per-sample statistics with them, for the logs.
 
+A method that acts around the update declares ``step_hooks`` and gets ``before_loss(ctx)`` after the
+training attack and ``after_step(ctx)`` after the optimiser step (also for a skipped step), with a
+:class:`StepContext`; AWP perturbs the weights there and restores them.
+
 Under DDP (``distributed=True``) every rank holds a shard of the global batch. What is per sample
 stays per sample; what couples the batch is explicit: D-TRADES' lambda normalisation is per rank
 (``sync="local"``, the paper's per-GPU batch) or over the global batch (``"global"``: its statistics are
@@ -19,10 +23,11 @@ all-reduced); FAAL's class margins are always all-reduced, so every rank uses th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
@@ -59,6 +64,25 @@ class MethodOutput:
     logits_adv: torch.Tensor | None = None
 
 
+@dataclass
+class StepContext:
+    """What a method's step hooks (:meth:`Method.before_loss`, :meth:`Method.after_step`) get: one per step,
+    built by ``TrainStep`` after the training attack, for methods that declare ``step_hooks``."""
+    model: nn.Module            # the unwrapped module: the compiled and DDP modules share its parameters
+    x: torch.Tensor
+    y: torch.Tensor
+    adv: AdvBatch               # the step's training attack
+    epoch: int                  # counted from 0
+    step: int
+    autocast: Callable[[], ContextManager]   # the step's autocast (a null context without AMP)
+    backend: str                # the loss-head kernels' backend
+    distributed: bool           # under DDP: several ranks, each with a shard of the global batch
+    loss_scale: float = 1.0     # the fp16 grad scaler's current scale (1 without one)
+    store: dict[str, Any] = field(default_factory=dict)     # kept across the steps of one TrainStep
+    scratch: dict[str, Any] = field(default_factory=dict)   # this step only: what before_loss leaves after_step
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)   # added to the step's MethodOutput.stats
+
+
 def _head_stats(head: kernels.LossHead, kl_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
     """The head's per-sample terms; ``weighted_kl``: each sample's KL as it enters the loss (times its weight)."""
     return {"kl": head.kl, "weighted_kl": (kl_weight * head.kl).detach(), "entropy": head.entropy,
@@ -73,6 +97,7 @@ class Method:
     random_start: ClassVar[str] = "trades"   # x + 0.001 N(0, 1), as in the official TRADES and MART code
     faal_base: ClassVar[bool] = False        # FAAL can reweight this method's per-sample loss per class
     extends: ClassVar[str | None] = None     # the method whose step this one adds to: the bench's cost ratio
+    kl_weight: ClassVar[str | None] = None   # the option that weights the loss's KL term, if any (AWP's beta sets it)
 
     # What the rest of the library asks a method, so that no method's name or option is read outside its class.
     @property
@@ -84,6 +109,18 @@ class Method:
     def variant(self) -> str | None:
         """The option value that changes what a step costs, if any: the bench labels rows name[variant]."""
         return None
+
+    @property
+    def step_hooks(self) -> bool:
+        """The method acts around the update (``before_loss``, ``after_step``); without it the step never
+        calls them and builds no context."""
+        return False
+
+    def before_loss(self, ctx: StepContext) -> None:
+        """After the training attack, before the loss (e.g. perturb the weights: in place, under no_grad)."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """After the optimiser step, and also when the step is skipped or fails (undo what before_loss did)."""
 
     @property
     def label(self) -> str:
@@ -163,6 +200,7 @@ class TRADES(Method):
     it twice); the KL target p is not detached, as in the official code."""
     name: ClassVar[str] = "trades"
     faal_base: ClassVar[bool] = True
+    kl_weight: ClassVar[str | None] = "beta"
     beta: float = option(6.0, "weight of the KL term (official TRADES: 6; the D-TRADES paper: 4)", low=0)
 
     def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
@@ -178,6 +216,7 @@ class MART(Method):
     with BCE = CE(f(x'), y) - log(1.0001 - q_{y'}) and y' the most probable wrong class under q."""
     name: ClassVar[str] = "mart"
     faal_base: ClassVar[bool] = True
+    kl_weight: ClassVar[str | None] = "beta"
     objective: ClassVar[str | None] = "ce"
     beta: float = option(5.0, "weight of the KL term (official MART ResNet-18 and the D-TRADES paper: 5)", low=0)
 
@@ -334,6 +373,7 @@ class FAAL(Method):
     "trades" - CE(f(x), y) + beta KL(p||q) with the TRADES KL attack; "mart" - MART's per-sample loss
     with its CE attack."""
     name: ClassVar[str] = "faal"
+    kl_weight: ClassVar[str | None] = "beta"   # with the trades and mart bases
     r: float = option(0.5, "radius of the KL ball around the uniform class weights (official: 0.5)", low=0)
     base: str = option("at", "base loss reweighted per class (official: at)", kind="FAAL base",
                        choices=lambda: [n for n, cls in METHODS.items() if cls.faal_base])
@@ -364,3 +404,158 @@ class FAAL(Method):
             loss, stats = out.loss, _head_stats(out.head, kl_weight)
         stats.update(class_weights=w.detach(), class_margins=margins.detach())
         return MethodOutput(loss, stats, z, z_adv)
+
+
+# ----------------------------------------------------------------------------------------------
+# AWP (Wu et al., NeurIPS 2020): adversarial weight perturbation, built on the step hooks alone.
+
+AWP_PROXY_LR = 0.01   # the proxy's plain SGD step (official AT_AWP; v depends on it only through AWP_EPS)
+AWP_EPS = 1e-20       # in gamma ||w|| d / (||d|| + eps), as the official code
+
+
+def awp_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """What AWP perturbs: every parameter named ``...weight`` of dimension > 1 (convolution and linear
+    weights; not biases, not normalisation scales), as the official code."""
+    return [(n, p) for n, p in model.named_parameters() if p.dim() > 1 and "weight" in n.rsplit(".", 1)[-1]]
+
+
+def _awp_bases() -> list[str]:
+    """Every registered method with a training attack, AWP itself excepted."""
+    return [n for n, cls in METHODS.items() if not issubclass(cls, AWP) and cls().objective is not None]
+
+
+def _average_grads_over_ranks(params: list[nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (one all-reduce), in place."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = dist.all_reduce(torch.cat([g.reshape(-1) for g in grads]), "sum") / dist.world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+        offset += g.numel()
+
+
+@register_method
+@dataclass
+class AWP(Method):
+    """Adversarial weight perturbation: the base method's loss at the weights w + v, its update applied at w.
+
+    Each step, after the base's training attack (``before_loss``): a proxy copy of the model (one, kept
+    and reloaded from the model every step) takes one plain SGD step (lr 0.01, no momentum, no weight
+    decay) that ascends the base loss on the step's adversarial batch, in train mode (the proxy's
+    batch-norm statistics move, not the model's); for every weight of dimension > 1,
+        d_l = w_proxy_l - w_l,   v_l = gamma ||w_l|| d_l / (||d_l|| + 1e-20),
+    and v is added to the model's weights. The loss, its backward and the optimiser step run at w + v;
+    ``after_step`` subtracts v again (also when the step is skipped or fails), so the update lands on
+    the unperturbed weights and the trainer (EMA, checkpoints, evaluation) never sees w + v. Under DDP
+    the proxy's gradient is averaged over the ranks: every rank applies the same v. A non-finite proxy
+    gradient (fp16/bf16) leaves that step unperturbed. The first ``warmup`` epochs (counted from 0)
+    train the base method alone. The proxy costs one more forward and backward of the base loss a step.
+
+    Logged per step: ``awp_applied`` (1, or 0 in the warm-up and after a non-finite proxy gradient),
+    ``awp_relative_norm`` ||v|| / ||w|| over the perturbed weights (gamma when applied, up to the 1e-20)
+    and ``awp_loss_unperturbed``, the base loss at w (the proxy's forward); ``loss`` is the one at w + v."""
+    name: ClassVar[str] = "awp"
+    base: str = option("at", "the method whose loss is perturbed (AT-AWP: at, TRADES-AWP: trades); it runs "
+                       "with its default options but beta", kind="AWP base", choices=lambda: _awp_bases())
+    gamma: float = option(5e-3, "size of the weight perturbation relative to each layer's weight norm "
+                          "(official TRADES-AWP: 5e-3; the AT-AWP script: 1e-2)", low=0)
+    warmup: int = option(0, "epochs (counted from 0) trained before the perturbation starts (official AT-AWP: "
+                         "0; TRADES-AWP perturbs from its epoch 10 counted from 1, i.e. after 9)", low=0)
+    beta: float | None = option(None, "the base's KL weight, for bases with one (trades, mart, faal); none: the "
+                                "base's default", low=0)
+
+    def base_method(self) -> Method:
+        """The base method, with ``beta`` as its KL weight when given."""
+        cls = METHODS[self.base]
+        return cls(**{cls.kl_weight: self.beta}) if self.beta is not None and cls.kl_weight else cls()
+
+    def validate(self) -> "AWP":
+        super().validate()
+        if self.beta is not None and METHODS[self.base].kl_weight is None:
+            having = [n for n in _awp_bases() if METHODS[n].kl_weight]
+            raise ConfigError(f"awp beta is the base method's KL weight, but the base {self.base} has none (bases "
+                              f"with one: {', '.join(having)}): leave beta unset or choose another base.")
+        self.base_method().validate()
+        return self
+
+    # the training attack, compile's double backward and the bench's labels are the base's
+    @property
+    def objective(self) -> str | None:
+        return self.base_method().objective
+
+    @property
+    def random_start(self) -> str:
+        return self.base_method().random_start
+
+    @property
+    def double_backward(self) -> bool:
+        return self.base_method().double_backward
+
+    @property
+    def variant(self) -> str:
+        return self.base_method().label
+
+    @property
+    def extends(self) -> str:
+        return self.base_method().label
+
+    @classmethod
+    def bench_variants(cls) -> list["AWP"]:
+        return [cls(), cls(base=TRADES.name)]
+
+    @property
+    def step_hooks(self) -> bool:
+        return True
+
+    def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
+        return self.base_method().loss(model, x, y, adv, backend=backend, distributed=distributed)
+
+    def before_loss(self, ctx: StepContext) -> None:
+        if ctx.epoch < self.warmup or self.gamma == 0:
+            zero = torch.zeros((), device=ctx.x.device)
+            ctx.stats.update(awp_applied=zero, awp_relative_norm=zero)
+            return
+        if "awp_proxy" not in ctx.store:
+            proxy = copy.deepcopy(ctx.model)
+            ctx.store["awp_proxy"] = (proxy, torch.optim.SGD(proxy.parameters(), lr=AWP_PROXY_LR, momentum=0.0,
+                                                             weight_decay=0.0))
+        proxy, proxy_opt = ctx.store["awp_proxy"]
+        proxy.load_state_dict(ctx.model.state_dict())
+        proxy.train()
+        proxy_opt.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            out = self.base_method().loss(proxy, ctx.x, ctx.y, ctx.adv, backend=ctx.backend,
+                                          distributed=ctx.distributed)
+        # ascent: SGD descends the negated loss (scaled like the step's under fp16; v does not depend on it)
+        (-ctx.loss_scale * out.loss.float()).backward()
+        proxy_params = dict(proxy.named_parameters())
+        pairs = [(w, proxy_params[n]) for n, w in awp_weights(ctx.model)]
+        if ctx.distributed:
+            _average_grads_over_ranks([q for _, q in pairs])
+        proxy_opt.step()
+        with torch.no_grad():
+            for w, q in pairs:
+                q.sub_(w)   # d_l, in the proxy's storage (reloaded at the next step): no extra copy
+            w_norm = torch.stack([torch.linalg.vector_norm(w) for w, _ in pairs])
+            d_norm = torch.stack([torch.linalg.vector_norm(q) for _, q in pairs])
+            factor = self.gamma * w_norm / (d_norm + AWP_EPS)
+            ok = torch.isfinite(d_norm).all() & torch.isfinite(factor).all()   # on the device: no host sync
+            factor = torch.where(ok, factor, torch.zeros_like(factor))
+            for (w, q), f in zip(pairs, factor):
+                q.masked_fill_(~ok, 0).mul_(f)   # v_l (zero after a non-finite proxy gradient)
+            ctx.scratch["awp"] = pairs          # before the weights move: after_step undoes what follows
+            for w, q in pairs:
+                w.add_(q)
+            v_norm = torch.where(ok, d_norm * factor, torch.zeros_like(d_norm))
+            ctx.stats.update(awp_applied=ok.float(), awp_relative_norm=(torch.linalg.vector_norm(v_norm) /
+                                                                        torch.linalg.vector_norm(w_norm)).float(),
+                             awp_loss_unperturbed=out.loss.detach().float())
+
+    def after_step(self, ctx: StepContext) -> None:
+        with torch.no_grad():
+            for w, v in ctx.scratch.pop("awp", ()):
+                w.sub_(v)
