@@ -12,6 +12,10 @@ mode). :data:`METHODS` is the one list of method names: the config, the CLI, the
 read it. The losses go through :mod:`kernels` (fused Triton on CUDA, the plain PyTorch reference on
 the CPU) and return their per-sample statistics with them, for the logs.
 
+A method that acts around the update declares ``step_hooks`` and gets ``before_loss(ctx)`` after the
+training attack and ``after_step(ctx)`` after the optimiser step (also for a skipped step), with a
+:class:`StepContext`; AWP perturbs the weights there and restores them.
+
 Under DDP (``distributed=True``) every rank holds a shard of the global batch. What is per sample
 stays per sample; what couples the batch is explicit: D-TRADES' lambda normalisation is per rank
 (``sync="local"``, the paper's per-GPU batch) or over the global batch (``"global"``: its statistics are
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
@@ -59,6 +63,25 @@ class MethodOutput:
     logits_adv: torch.Tensor | None = None
 
 
+@dataclass
+class StepContext:
+    """What a method's step hooks (:meth:`Method.before_loss`, :meth:`Method.after_step`) get: one per step,
+    built by ``TrainStep`` after the training attack, for methods that declare ``step_hooks``."""
+    model: nn.Module            # the unwrapped module: the compiled and DDP modules share its parameters
+    x: torch.Tensor
+    y: torch.Tensor
+    adv: AdvBatch               # the step's training attack
+    epoch: int                  # counted from 0
+    step: int
+    autocast: Callable[[], ContextManager]   # the step's autocast (a null context without AMP)
+    backend: str                # the loss-head kernels' backend
+    distributed: bool           # under DDP: several ranks, each with a shard of the global batch
+    loss_scale: float = 1.0     # the fp16 grad scaler's current scale (1 without one)
+    store: dict[str, Any] = field(default_factory=dict)     # kept across the steps of one TrainStep
+    scratch: dict[str, Any] = field(default_factory=dict)   # this step only: what before_loss leaves after_step
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)   # added to the step's MethodOutput.stats
+
+
 def _head_stats(head: kernels.LossHead, kl_weight: torch.Tensor | float) -> dict[str, torch.Tensor]:
     """The head's per-sample terms; ``weighted_kl``: each sample's KL as it enters the loss (times its weight)."""
     return {"kl": head.kl, "weighted_kl": (kl_weight * head.kl).detach(), "entropy": head.entropy,
@@ -74,6 +97,7 @@ class Method:
     faal_base: ClassVar[bool] = False        # FAAL can reweight this method's per-sample loss per class
     extends: ClassVar[str | None] = None     # the method whose step this one adds to: the bench's cost ratio
     renamed_options: ClassVar[dict[str, str]] = {}   # an option's former name -> its name: older records still read
+    kl_weight: ClassVar[str | None] = None   # the option that weights the loss's KL term, if any (AWP's beta sets it)
 
     # What the rest of the library asks a method, so that no method's name or option is read outside its class.
     @property
@@ -85,6 +109,18 @@ class Method:
     def variant(self) -> str | None:
         """The option value that changes what a step costs, if any: the bench labels rows name[variant]."""
         return None
+
+    @property
+    def step_hooks(self) -> bool:
+        """The method acts around the update (``before_loss``, ``after_step``); without it the step never
+        calls them and builds no context."""
+        return False
+
+    def before_loss(self, ctx: StepContext) -> None:
+        """After the training attack, before the loss (e.g. perturb the weights: in place, under no_grad)."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """After the optimiser step, and also when the step is skipped or fails (undo what before_loss did)."""
 
     @property
     def label(self) -> str:
@@ -174,6 +210,7 @@ class TRADES(Method):
     it twice); the KL target p is not detached, as in the official code."""
     name: ClassVar[str] = "trades"
     faal_base: ClassVar[bool] = True
+    kl_weight: ClassVar[str | None] = "beta"
     beta: float = option(6.0, "weight of the KL term (official TRADES: 6; the D-TRADES paper: 4)", low=0)
 
     def loss(self, model, x, y, adv, *, backend="auto", distributed=False):
@@ -189,6 +226,7 @@ class MART(Method):
     with BCE = CE(f(x'), y) - log(1.0001 - q_{y'}) and y' the most probable wrong class under q."""
     name: ClassVar[str] = "mart"
     faal_base: ClassVar[bool] = True
+    kl_weight: ClassVar[str | None] = "beta"
     objective: ClassVar[str | None] = "ce"
     beta: float = option(5.0, "weight of the KL term (official MART ResNet-18 and the D-TRADES paper: 5)", low=0)
 
@@ -350,6 +388,7 @@ class FAAL(Method):
     "trades" - CE(f(x), y) + beta KL(p||q) with the TRADES KL attack; "mart" - MART's per-sample loss
     with its CE attack."""
     name: ClassVar[str] = "faal"
+    kl_weight: ClassVar[str | None] = "beta"   # with the trades and mart bases
     r: float = option(0.5, "radius of the KL ball around the uniform class weights (official: 0.5)", low=0)
     base: str = option("at", "base loss reweighted per class (official: at)", kind="FAAL base",
                        choices=lambda: [n for n, cls in METHODS.items() if cls.faal_base])
@@ -380,3 +419,7 @@ class FAAL(Method):
             loss, stats = out.loss, _head_stats(out.head, kl_weight)
         stats.update(class_weights=w.detach(), class_margins=margins.detach())
         return MethodOutput(loss, stats, z, z_adv)
+
+
+# AWP wraps any method above from its own module (its class is registered on import)
+from .awp import AWP  # noqa: E402,F401

@@ -21,6 +21,12 @@ module ``self.net``, in eval mode with input gradients only, so DDP's reducer ne
 without its parameter backward. Rank 0's buffers (batch-norm running statistics) are broadcast before
 every attack, and the skip decision for a non-finite loss is agreed by all ranks. The attack's random
 start for step ``step`` is drawn per sample from (cfg.seed, step), independent of the sharding.
+
+A method that acts around the update declares ``step_hooks`` (AWP): ``before_loss(ctx)`` runs after the
+attack, ``after_step(ctx)`` after the optimiser step in a finally (skipped and failed steps included), with
+a :class:`fastrobust.methods.StepContext` (the unwrapped model, the batch, the adversarial batch, the epoch
+from ``__call__(..., epoch=)``, the step, autocast, backend, DDP). They change parameters in place under
+no_grad, which the compiled and DDP modules share. Methods without hooks take the plain step.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from . import distributed as dist
 from .attacks import FP32_STEPS_UNDER_AMP, random_start
 from .config import TrainConfig
 from .errors import ConfigError, FastRobustError, NumericalError
-from .methods import AdvBatch, MethodOutput
+from .methods import AdvBatch, MethodOutput, StepContext
 
 # fp16 overflows. The grad scaler multiplies the loss by its scale before the backward, halves the scale
 # and skips the step when a gradient overflows, and doubles it after GRAD_SCALER_GROWTH_INTERVAL steps
@@ -133,6 +139,9 @@ class TrainStep:
         self.notes: list[str] = []
         self._wrap(compile_model(model, cfg) if want_compile else model)
         self.calls = 0
+        self.epoch = 0   # of the current step, counted from 0 (the trainer passes it)
+        self.hook_store: dict = {}   # what a method's step hooks keep across steps (StepContext.store)
+        self._hook_ctx: StepContext | None = None
 
     def _wrap(self, net: nn.Module) -> None:
         self.net = self.train_net = net
@@ -170,9 +179,10 @@ class TrainStep:
                 out.loss = out.loss + 0.0 * self.train_net(x).float().sum()
         return out
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, step: int | None = None) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, step: int | None = None, epoch: int = 0) -> StepResult:
         step = self.calls if step is None else step
         self.calls = step + 1
+        self.epoch = epoch
         if not self.compile_pending:
             return self._step(x, y, step)
         # the first compiled step: if it fails, the eager retry starts from the same weights, buffers and RNG
@@ -200,12 +210,41 @@ class TrainStep:
         return result
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+        """One step. A method with step hooks (``Method.step_hooks``, e.g. AWP) gets ``before_loss`` after
+        the attack and ``after_step`` after the update, in a finally: also after a skipped step (non-finite
+        loss, fp16 overflow) or an exception, so what before_loss changed in the weights is undone before
+        anyone else sees them (the trainer's EMA update, checkpoints, the compile fallback's retry).
+        Without hooks this is the plain step: no context, no extra work."""
+        if not self.method.step_hooks:
+            return self._update(x, y, step)
+        self._hook_ctx = None
+        try:
+            result = self._update(x, y, step)
+        finally:
+            ctx, self._hook_ctx = self._hook_ctx, None
+            if ctx is not None:
+                self.method.after_step(ctx)
+        if ctx is not None and result.output is not None:
+            result.output.stats.update(ctx.stats)
+        return result
+
+    def _before_loss(self, x: torch.Tensor, y: torch.Tensor, adv: AdvBatch, step: int) -> None:
+        ctx = StepContext(model=self.model, x=x, y=y, adv=adv, epoch=self.epoch, step=step, autocast=self.autocast,
+                          backend=self.backend, distributed=self.world > 1,
+                          loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                          store=self.hook_store)
+        self._hook_ctx = ctx   # first: after_step runs even if before_loss fails part way
+        self.method.before_loss(ctx)
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
         t0 = time.perf_counter()
         if self.world > 1:
             dist.broadcast_buffers(self.model)
         adv = self.attack(x, y, step)
         sync(self.device)
         t1 = time.perf_counter()
+        if self.method.step_hooks:
+            self._before_loss(x, y, adv, step)   # its cost counts as the update's
         out = self.loss(x, y, adv)
         loss = out.loss.float()
         value = float(loss.detach())

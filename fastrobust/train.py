@@ -265,7 +265,7 @@ class Trainer(RunStops):
         notes = len(self.stepper.notes)
         if self.start_weight_norm is None:
             self.start_weight_norm = weight_norm(self.model.state_dict())
-        res = self.stepper(x, y, step=self.global_step)
+        res = self.stepper(x, y, step=self.global_step, epoch=self.epoch)
         if len(self.stepper.notes) != notes:
             self.write_manifest()   # a fallback (compile): recorded now, not only if the run finishes
         if res.failure:

@@ -17,7 +17,13 @@ official  The baselines as their official code runs them: TRADES (yaodongyu/TRAD
           120 epochs, lr 0.01, wd 3.5e-3, beta 5), FAAL (TrustAI/FAAL ft_prn.py + run_prn.py: a 2-epoch
           fine-tune of that architecture's official-profile TRADES checkpoint with the AT base loss, r 0.5,
           lr 0.01 then 0.001, wd 5e-4, eps 8/255, step 2/255, 10 steps, best worst-class PGD accuracy kept;
-          here on a validation split, where the official code looks at the test set).
+          here on a validation split, where the official code looks at the test set). AWP (csdongxian/AWP):
+          AT-AWP (AT_AWP/train_cifar10.py: PreAct ResNet-18, 200 epochs, lr 0.1 x0.1 at epochs 100 and 150
+          counted from 0, wd 5e-4, eps 8/255, PGD-10 x 2/255, the CIFAR-10 mean/std as input
+          normalisation, gamma 1e-2 as its default and its logs, no warm-up) and TRADES-AWP
+          (trades_AWP/train_trades_cifar.py: WRN-34-10, beta 6, gamma 5e-3, 200 epochs, x0.1 from epochs
+          100 and 150 counted from 1, wd 5e-4, eps 8/255, PGD-10 x 2/255, raw inputs; it perturbs from its
+          epoch 10 counted from 1, i.e. after 9 epochs: warmup_epochs 9 here, where epochs count from 0).
 smoke     Real data, a small subset, two epochs: a whole recipe in minutes on a 2-core CPU; it checks the
           pipeline, not accuracy. The default without a GPU.
 demo      MNIST SmallCNN, D-TRADES (alpha = beta = 1) against TRADES (beta 4) from scratch, at a radius a CPU
@@ -28,6 +34,8 @@ demo      MNIST SmallCNN, D-TRADES (alpha = beta = 1) against TRADES (beta 4) fr
 cpu       Every row on MNIST SmallCNN at CPU scale, the same threat model and training attack as demo, two
           epochs; FGSM and PGD-40 x 0.01 on 1000 test points, standard AutoAttack on the first 200: the
           README's "Results (CPU scale, eps 0.1)" tables, ``python -m recipes.paper_tables --profile cpu``.
+          Also AT-AWP and TRADES-AWP (this project's addition: AWP's gamma 5e-3 of the paper and of the
+          official TRADES-AWP code, no warm-up in two epochs, TRADES-AWP at this profile's TRADES beta 4).
 cpu_eps03 Every row on MNIST SmallCNN at the report's radius 0.3, raw inputs, a PGD-10 x 0.04 training attack,
           one epoch over the first 30,000 training images; three seeds for trades, dtrades and dtrades_half;
           FGSM and PGD-40 x 0.01 on 1000 test points, standard AutoAttack on the first 100: the comparison
@@ -43,7 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastrobust.methods import AT, DTRADES, FAAL, MART, TRADES, Method, Standard
+from fastrobust.methods import AT, AWP, DTRADES, FAAL, MART, TRADES, Method, Standard
 
 ARCHS = {"cifar10": ("resnet18", "vgg16"), "mnist": ("resnet18", "vgg16", "smallcnn")}
 DISPLAY = {"resnet18": "ResNet-18", "vgg16": "VGG-16", "smallcnn": "SmallCNN", "preact_resnet18": "PreAct ResNet-18",
@@ -110,12 +118,21 @@ PAPER = Profile(
     eval=PAPER_EVAL,
 )
 
+# AWP's official code (csdongxian/AWP), both 200 epochs of SGD (batch 128, momentum 0.9, lr 0.1, wd 5e-4) at
+# eps 8/255 with PGD-10 x 2/255. AT_AWP/train_cifar10.py sets the rate per iteration from t = epoch + (i+1)/n
+# (epochs from 0): 0.1 while t < 100, 0.01 while t < 150, then 0.001, i.e. from epochs 101 and 151 counted from 1
+# (the last step of epochs 100 and 150 already at the lower rate there); it attacks in train mode, this project in
+# eval mode. trades_AWP/train_trades_cifar.py: x0.1 from epochs 100 and 150 counted from 1, and AWP from its epoch 10.
+AWP_OFFICIAL = dict(epochs=200, lr=0.1, lr_schedule="piecewise", weight_decay=5e-4,
+                    attack=dict(eps=8 / 255, steps=10, step_size=2 / 255),
+                    eval=dict(eps=8 / 255, pgd_steps=20, pgd_step_size=2 / 255))
 FAAL_FINETUNE = dict(epochs=2, lr=0.01, lr_schedule="piecewise", lr_milestones=(2,), weight_decay=5e-4,
                      attack=dict(eps=8 / 255, steps=10, step_size=2 / 255), select_by="worst_class_pgd_ra")
 OFFICIAL = Profile(
     name="official",
     cells=grid(("cifar10", "mnist"), ("trades",)) + grid(("cifar10",), ("mart",))
-    + grid(("cifar10",), ("trades", "faal"), ("preact_resnet18", "wrn34_10")) + grid(("cifar10",), ("faal",)),
+    + grid(("cifar10",), ("trades", "faal"), ("preact_resnet18", "wrn34_10")) + grid(("cifar10",), ("faal",))
+    + grid(("cifar10",), ("at_awp",), ("preact_resnet18",)) + grid(("cifar10",), ("trades_awp",), ("wrn34_10",)),
     data={
         # raw [0, 1] inputs: the official TRADES, MART and FAAL code feeds transforms.ToTensor() straight in
         "cifar10": dict(**SGD, epochs=76, lr=0.1, lr_schedule="piecewise", lr_milestones=(75, 90, 100),
@@ -124,7 +141,9 @@ OFFICIAL = Profile(
         "mnist":   dict(**SGD, epochs=100, lr=0.01, lr_schedule="piecewise", lr_milestones=(55, 75, 90),
                         weight_decay=0.0, attack=dict(eps=0.3, steps=40, step_size=0.01), input_normalization="none"),
     },
-    rows={"trades": TRADES(beta=6.0), "mart": MART(beta=5.0), "faal": FAAL(r=0.5, base="at")},
+    rows={"trades": TRADES(beta=6.0), "mart": MART(beta=5.0), "faal": FAAL(r=0.5, base="at"),
+          "at_awp": AWP(base="at", gamma=1e-2, warmup_epochs=0),
+          "trades_awp": AWP(base="trades", gamma=5e-3, warmup_epochs=9, beta=6.0)},
     eval={"cifar10": dict(eps=0.031, pgd_steps=20, pgd_step_size=0.003), "mnist": dict(eps=0.3, pgd_steps=40,
                                                                                        pgd_step_size=0.01)},
     cell={
@@ -133,6 +152,9 @@ OFFICIAL = Profile(
         **{("cifar10", "faal", a): dict(FAAL_FINETUNE, init_from="trades", eval=dict(eps=8 / 255, pgd_steps=20,
                                                                                     pgd_step_size=2 / 255))
            for a in ("preact_resnet18", "wrn34_10", "resnet18", "vgg16")},
+        ("cifar10", "at_awp", "preact_resnet18"): dict(AWP_OFFICIAL, lr_milestones=(101, 151),
+                                                       input_normalization="dataset"),
+        ("cifar10", "trades_awp", "wrn34_10"): dict(AWP_OFFICIAL, lr_milestones=(100, 150)),
     },
 )
 
@@ -169,11 +191,15 @@ DEMO = Profile(
                         aa_attacks=("apgd-ce", "apgd-t"), aa_samples=100, sweep_samples=100)},
 )
 
+# AT-AWP and TRADES-AWP at CPU scale (this project's addition): gamma 5e-3 (the AWP paper's and the official
+# TRADES-AWP code's), perturbing from the first of the two epochs, TRADES-AWP at the rows' TRADES beta 4.
+CPU_AWP_ROWS = {"at_awp": AWP(base="at", gamma=5e-3), "trades_awp": AWP(base="trades", gamma=5e-3, beta=4.0)}
 CPU = Profile(
     name="cpu",
-    cells=grid(("mnist",), ("standard", "at", "trades", "mart", "faal", "dtrades", "dtrades_half"), ("smallcnn",)),
+    cells=grid(("mnist",), ("standard", "at", "trades", "mart", "faal", "dtrades", "dtrades_half", *CPU_AWP_ROWS),
+               ("smallcnn",)),
     data={"mnist": dict(CPU_DATA, epochs=2)},
-    rows=PAPER_ROWS,
+    rows={**PAPER_ROWS, **CPU_AWP_ROWS},
     eval={"mnist": CPU_EVAL},
 )
 

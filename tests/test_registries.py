@@ -82,7 +82,12 @@ def test_the_check_catches_a_copied_list(tmp_path):
 
 # -- a method declares what it needs: nothing outside its class reads its name or its options ---------------
 
-METHOD_HOME = "fastrobust/methods.py"
+import inspect  # noqa: E402
+
+# each method's module (methods.py; awp.py for AWP): there, and only there, its own name and options are spelt
+METHOD_HOMES = {Path(inspect.getsourcefile(cls)).relative_to(REPO).as_posix() for cls in METHODS.values()}
+OWN_NAMES = {home: {n for n, cls in METHODS.items() if Path(inspect.getsourcefile(cls)).relative_to(REPO).as_posix()
+                    == home} for home in METHOD_HOMES}
 OPTIONS = {f.name for cls in METHODS.values() for f in __import__("dataclasses").fields(cls)}
 
 
@@ -108,7 +113,7 @@ def test_no_method_is_read_by_name_outside_its_class():
     declarations (Method.double_backward, bench_variants, extends): no other module asks which method it
     is or reads its options by name. Recipes' protocol tables are exempt (they are the paper's cells)."""
     found = [f"{rel}:{line}: {what}" for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
-             if (rel := path.relative_to(REPO).as_posix()) not in EXEMPT | {METHOD_HOME}
+             if (rel := path.relative_to(REPO).as_posix()) not in EXEMPT | METHOD_HOMES
              for line, what in _reads_a_method_by_name(ast.parse(path.read_text()))]
     assert not found, "a method read by name outside its class (declare it on the method):\n" + "\n".join(found)
 
@@ -123,7 +128,7 @@ def test_the_method_check_catches_a_name_test():
 
 # -- a method's name and its own options are spelt in its class and the protocol rows only ---------------------
 
-SPELLING_HOMES = {METHOD_HOME, "recipes/protocols.py"}
+SPELLING_HOMES = {"fastrobust/methods.py", "recipes/protocols.py"}   # every method's name may be spelt there
 OTHER_MEANINGS = set(RANDOM_STARTS) | set(AA_VERSIONS)   # "trades" is also a random start, "standard" an AA version
 CONFIG_FIELDS = {f.name for cls in (TrainConfig, EvalConfig) for f in dataclasses.fields(cls)}
 # an option of one method only, and no config field's name; longer than a letter (FAAL's r is also open()'s mode)
@@ -132,11 +137,12 @@ OWN_OPTIONS = {name for name in OPTIONS if len(name) > 1 and name not in CONFIG_
 READ_CONFIGS = ("fastrobust", "recipes")   # the packages that hold methods and read their records
 
 
-def _spells_a_method(tree: ast.AST, options: bool = True):
-    """(line, what) of every string that is a method's name or, with ``options``, an option of one method."""
+def _spells_a_method(tree: ast.AST, options: bool = True, own: set[str] = frozenset()):
+    """(line, what) of every string that is a method's name (but ``own``, the module's own methods) or,
+    with ``options``, an option of one method."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value in METHODS and node.value not in OTHER_MEANINGS:
+            if node.value in METHODS and node.value not in OTHER_MEANINGS | own:
                 yield node.lineno, f"the method name {node.value!r}"
             elif options and node.value in OWN_OPTIONS:
                 yield node.lineno, f"the method option {node.value!r}"
@@ -149,7 +155,8 @@ def test_no_method_name_or_own_option_is_spelt_outside_its_class():
     they take, D-TRADES' normalize and lambda_scale; a loader's "base" backend): only method names are looked for."""
     found = [f"{rel}:{line}: {what}" for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
              if (rel := path.relative_to(REPO).as_posix()) not in SPELLING_HOMES
-             for line, what in _spells_a_method(ast.parse(path.read_text()), options=package in READ_CONFIGS)]
+             for line, what in _spells_a_method(ast.parse(path.read_text()), options=package in READ_CONFIGS
+                                                and rel not in METHOD_HOMES, own=OWN_NAMES.get(rel, set()))]
     assert not found, ("a method's name or option spelt outside its class and the protocol rows (declare it on "
                        "the method, or read the row's data):\n" + "\n".join(found))
 
