@@ -18,11 +18,8 @@ model, optimiser, grad scaler, EMA, every RNG state (every rank's, under DDP) an
 the epoch; the loaders are deterministic in (seed, epoch, batch) and the attack's start in (seed,
 step, sample), so a resumed run gives the same weights as an uninterrupted one (bit-identical on the
 CPU). SIGTERM is honoured at the next step boundary: a checkpoint is written and
-:class:`TrainingInterrupted` raised (status 143 from the CLI); ``--resume`` continues.
-
-Distributed (launched by ``torchrun``): ``batch_size`` is the global batch, each of the N processes
-takes ``batch_size / N`` samples of every batch, DDP averages the gradients, only rank 0 writes files,
-and evaluation is sharded by whole batches with exactly the single-process numbers.
+:class:`TrainingInterrupted` raised (status 143 from the CLI); ``--resume`` continues. Under
+``torchrun``, ``batch_size`` is the global batch and only rank 0 writes (README, "Scaling out").
 """
 from __future__ import annotations
 
