@@ -38,7 +38,8 @@ test: setup
 # the tests that train fixtures, compare code paths or check resume
 NUMERICS_TESTS := tests/test_evaluation.py tests/test_methods.py tests/test_trainer.py tests/test_trainer_step.py \
 	tests/test_distributed.py tests/test_kernels.py tests/test_kernels_dispatch.py tests/test_kernels_pgd.py \
-	tests/test_attacks.py tests/test_attacks_precision.py tests/test_checkpoints.py
+	tests/test_attacks.py tests/test_attacks_precision.py tests/test_checkpoints.py tests/test_awp.py \
+	tests/test_training_attack.py
 
 test-isa: setup
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
