@@ -1,35 +1,32 @@
 """Command line: ``fastrobust {train,eval,data,bench,check-gpu,compare}``.
 
-Every flag of ``train`` comes from a config field (``--weight-decay``), a method option (``--dtrades-alpha``,
-named ``--<method>-<option>``) or an evaluation field (``--eval-aa-samples``); its help line, default and
-valid names come from the field's metadata. Tuples are comma-separated, optional values accept
-``none``, numbers accept fractions (``--eps 8/255``). ``train --dry-run`` validates and prints the
-configuration as JSON. Bad input ends with one clear line and exit status 2, never a traceback; output
-folders are created or checked before any work, and a radius above the data's range is refused; a run
-stopped by SIGTERM exits with 143 after writing a checkpoint (``--resume`` continues it); output into a
-pipe that closes early (``| head``) ends quietly with status 141, as SIGPIPE ends other programs.
-
-Under ``torchrun`` (``torchrun --nproc_per_node N -m fastrobust train ...``) ``train`` and ``eval`` run
-distributed without any other change: see README "Scaling out".
+Every flag of ``train`` comes from a config field (``--weight-decay``), a method option (``--dtrades-alpha``)
+or an evaluation field (``--eval-aa-samples``), its help, default and valid names from the field's metadata,
+so the flags never drift from the config. Bad input ends with one line and status 2 (see README).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import select
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import kernels
+import loaders
 
+from . import bench, check_gpu
+from . import distributed as dist
 from .attacks import PGD
 from .config import EvalConfig, TrainConfig, training_radius
-from .errors import ConfigError, FastRobustError
+from .errors import ConfigError, FastRobustError, TrainingInterrupted, unknown_name
 from .methods import METHODS
 from .models import NORMALIZATIONS, list_models
 from .options import base_type, help_text
+from .report import check_output_folder, manifest, results_markdown, save_results, sha256
 
 
 def _number(tp: type, name: str) -> Callable[[str], Any]:
@@ -57,39 +54,39 @@ def _parser_for(tp: Any, name: str) -> Callable[[str], Any]:
     return (lambda s: None if s.strip().lower() == "none" else conv(s)) if optional else conv
 
 
-# Short spellings of the training attack's radius and threat model (the flags every protocol sets).
-ATTACK_ALIASES = {"attack_eps": "--eps", "attack_norm": "--norm"}
-
-
 def add_fields(parser: argparse._ActionsContainer, cls: type, prefix: str = "", skip: Sequence[str] = (),
                aliases: dict[str, str] | None = None, defaults: Any = None) -> None:
-    """One flag per dataclass field: ``--{prefix}{field}`` (and ``aliases[dest]``), stored as ``{prefix}{field}``;
-    ``defaults``: the instance whose values the help shows as defaults (else the fields' own)."""
+    """One flag per field (dataclass-typed fields aside): ``--{prefix}{field}`` (and ``aliases[dest]``), stored
+    as ``{prefix}{field}``, given or absent (no default); ``defaults``: the instance whose values the help shows."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if f.name in skip or (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             continue
-        dest = (prefix + f.name).replace("-", "_")
+        dest = prefix + f.name
         flags = ["--" + dest.replace("_", "-")] + ([aliases[dest]] if aliases and dest in aliases else [])
-        shown = help_text(f, getattr(defaults, f.name) if defaults is not None else dataclasses.MISSING)
-        if base_type(tp)[0] is bool:
-            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=shown)
-        else:
-            parser.add_argument(*flags, dest=dest, type=_parser_for(tp, dest.replace("_", "-")),
-                                default=argparse.SUPPRESS, metavar=f.name.upper(), help=shown)
+        kind = ({"action": argparse.BooleanOptionalAction} if base_type(tp)[0] is bool else
+                {"type": _parser_for(tp, dest.replace("_", "-")), "metavar": f.name.upper()})
+        parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kind,
+                            help=help_text(f, getattr(defaults, f.name) if defaults is not None else dataclasses.MISSING))
+
+
+def given_fields(values: dict[str, Any], cls: type, prefix: str = "", skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The given ``{prefix}{field}`` values of ``cls``'s fields (see :func:`add_fields`), by field name."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    return {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and k[len(prefix):] in names}
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    add_fields(parser, TrainConfig, skip=("method",))
+    add_fields(parser, TrainConfig)   # its method, attack and eval fields: the flags below
     parser.add_argument("--method", default=argparse.SUPPRESS, metavar="NAME",
                         help=f"training method; one of {', '.join(sorted(METHODS))}; default: trades")
     for name, cls in sorted(METHODS.items()):
         if dataclasses.fields(cls):
             add_fields(parser.add_argument_group(f"{name} options (with --method {name})"), cls, prefix=f"{name}_")
-    add_fields(parser.add_argument_group("training attack (PGD)"), PGD, prefix="attack_", aliases=ATTACK_ALIASES,
-               defaults=TrainConfig().attack)
+    # short spellings of the training attack's radius and threat model (the flags every protocol sets)
+    add_fields(parser.add_argument_group("training attack (PGD)"), PGD, prefix="attack_",
+               aliases={"attack_eps": "--eps", "attack_norm": "--norm"}, defaults=TrainConfig().attack)
     add_fields(parser.add_argument_group("evaluation options"), EvalConfig, prefix="eval_", skip=("dataset",))
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the configuration, print it as JSON and exit (no data is loaded)")
@@ -97,30 +94,25 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """The flags of ``ns`` over ``base`` (default: TrainConfig()); not validated."""
-    cfg = dataclasses.replace(base or TrainConfig())
     values = vars(ns)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"eval", "method", "attack"}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in fields})
-    attack = {f.name for f in dataclasses.fields(PGD)}
-    cfg.attack = dataclasses.replace(cfg.attack, **{k[7:]: v for k, v in values.items() if k[:7] == "attack_"
-                                                    and k[7:] in attack})
-    evals = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg.eval = dataclasses.replace(cfg.eval, **{k[5:]: v for k, v in values.items() if k[:5] == "eval_" and k[5:] in evals})
+    cfg = dataclasses.replace(base or TrainConfig(), **given_fields(values, TrainConfig, skip=("eval", "method", "attack")))
+    cfg.attack = dataclasses.replace(cfg.attack, **given_fields(values, PGD, "attack_"))
+    cfg.eval = dataclasses.replace(cfg.eval, **given_fields(values, EvalConfig, "eval_"))
     name = values.get("method", cfg.method.name)
     if name not in METHODS:
-        from .errors import unknown_name
         raise unknown_name("method", name, METHODS)
-    options = {}
     for other, cls in METHODS.items():
         for f in dataclasses.fields(cls):
-            if f"{other}_{f.name}" in values:
-                if other != name:
-                    raise ConfigError(f"--{other}-{f.name.replace('_', '-')} is an option of method {other}, but the "
-                                      f"method is {name}: drop it or pass --method {other}.")
-                options[f.name] = values[f"{other}_{f.name}"]
+            if other != name and f"{other}_{f.name}" in values:
+                raise ConfigError(f"--{other}-{f.name.replace('_', '-')} is an option of method {other}, but the "
+                                  f"method is {name}: drop it or pass --method {other}.")
+    options = given_fields(values, METHODS[name], f"{name}_")
     keep = dataclasses.asdict(cfg.method) if cfg.method.name == name else {}
     cfg.method = METHODS[name](**{**keep, **options})
     return cfg
+
+
+DATA_DIR_HELP = "dataset root (default: $FASTROBUST_DATA, else ./data)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,48 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_eval = sub.add_parser("eval", help="robustness evaluation of a checkpoint, a plain state dict or a RobustBench "
                                          "zoo model: NA, FGSM, PGD, AutoAttack, with sanity checks")
-    p_eval.add_argument("--checkpoint", default=None, help="a .pt file: a fastrobust checkpoint, or a plain state dict "
-                                                           "(with --model; official TRADES/MART layouts are mapped); "
-                                                           "required unless --robustbench names the model")
-    p_eval.add_argument("--robustbench", default=None, metavar="NAME",
-                        help="instead of --checkpoint: a RobustBench zoo model (e.g. Wong2020Fast) for --dataset and "
-                             "--norm, its weights read from --robustbench-dir (needs robustbench: "
-                             "pip install 'fastrobust[robustbench]'; nothing is downloaded)")
-    p_eval.add_argument("--robustbench-dir", default=None, metavar="DIR",
+    p_eval.add_argument("--checkpoint", help="a .pt file: a fastrobust checkpoint, or a plain state dict (with "
+                        "--model; official TRADES/MART layouts are mapped); required unless --robustbench names the model")
+    p_eval.add_argument("--robustbench", metavar="NAME", help="instead of --checkpoint: a RobustBench zoo model (e.g. "
+                        "Wong2020Fast) for --dataset and --norm, its weights read from --robustbench-dir (needs "
+                        "robustbench: pip install 'fastrobust[robustbench]'; nothing is downloaded)")
+    p_eval.add_argument("--robustbench-dir", metavar="DIR",
                         help="RobustBench's model_dir, holding DATASET/THREAT_MODEL/NAME.pt; default: ./models")
-    p_eval.add_argument("--export-robustbench", default=None, metavar="FILE.json",
-                        help="also write the evaluation as a RobustBench model_info entry (needs autoattack in "
-                             "--attacks and --aa-samples > 0)")
-    p_eval.add_argument("--dataset", default=None, help="test set (default: the checkpoint's training dataset; "
-                                                        "cifar10 for a state dict)")
-    p_eval.add_argument("--model", default=None, help=f"architecture: checked against a fastrobust checkpoint, "
-                                                      f"required for a state dict; one of {', '.join(list_models())}")
-    p_eval.add_argument("--num-classes", type=int, default=None, help="class count (default: the dataset's)")
-    p_eval.add_argument("--input-normalization", default=None, choices=sorted(NORMALIZATIONS),
-                        help="for a state dict: the normalisation the model expects inside it (none: raw [0, 1] "
-                             "inputs, as the official TRADES and MART models); default: the dataset's")
-    p_eval.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
+    p_eval.add_argument("--export-robustbench", metavar="FILE.json", help="also write the evaluation as a RobustBench "
+                        "model_info entry (needs autoattack in --attacks and --aa-samples > 0)")
+    p_eval.add_argument("--dataset", help="test set (default: the checkpoint's training dataset; cifar10 for a state dict)")
+    p_eval.add_argument("--model", help=f"architecture: checked against a fastrobust checkpoint, required for a state "
+                        f"dict; one of {', '.join(list_models())}")
+    p_eval.add_argument("--num-classes", type=int, help="class count (default: the dataset's)")
+    p_eval.add_argument("--input-normalization", choices=sorted(NORMALIZATIONS), help="for a state dict: the "
+                        "normalisation the model expects inside it (none: raw [0, 1] inputs, as the official TRADES and "
+                        "MART models); default: the dataset's")
+    p_eval.add_argument("--data-dir", help=DATA_DIR_HELP)
     p_eval.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; default: auto")
-    p_eval.add_argument("--out", default=None, help="folder for results.{md,csv,json} (default: the run's eval/ folder for a run's checkpoint, "
-                             "else eval/ beside the file)")
+    p_eval.add_argument("--out", help="folder for results.{md,csv,json} (default: the run's eval/ folder for a run's "
+                        "checkpoint, else eval/ beside the file)")
     p_eval.add_argument("--weights", choices=("model", "ema"), default="model",
                         help="which weights of a fastrobust checkpoint; default: model")
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_fields(p_eval, EvalConfig, skip=("dataset",))
 
-    p_data = sub.add_parser("data", help="dataset utilities")
-    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    data_sub = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     p_write = data_sub.add_parser("write", help="write an FFCV .beton file")
     p_write.add_argument("--dataset", required=True, help="cifar10 or mnist")
     p_write.add_argument("--split", required=True, choices=("train", "test"), help="which split")
     p_write.add_argument("--out", required=True, help="folder for the .beton")
-    p_write.add_argument("--data-dir", default=None, help="dataset root (default: $FASTROBUST_DATA, else ./data)")
-    p_write.add_argument("--limit", type=int, default=None, help="first n images only; default: all")
+    p_write.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p_write.add_argument("--limit", type=int, help="first n images only; default: all")
 
-    from .bench import add_bench_parsers
-    add_bench_parsers(sub.add_parser("bench", help="benchmarks: step, kernels, loaders"))
-    from .check_gpu import add_parser as add_check_gpu
-    add_check_gpu(sub)
+    bench.add_bench_parsers(sub.add_parser("bench", help="benchmarks: step, kernels, loaders"))
+    check_gpu.add_parser(sub)
     add_compare_parser(sub)
     return parser
 
@@ -181,7 +166,6 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     if ns.dry_run:
         print(cfg.to_json())
         return 0
-    from . import distributed as dist
     from .train import train
     summary = train(cfg)
     if dist.is_main():
@@ -192,23 +176,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
-    import loaders
-
-    from . import distributed as dist
     from . import zoo   # robustbench itself is imported only for --robustbench
     from .evaluate import evaluate
-    from .report import check_output_folder, manifest, results_markdown, save_results, sha256
-    
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in vars(ns).items() if k in fields and k != "dataset"}).validate()
+    cfg = EvalConfig(**given_fields(vars(ns), EvalConfig, skip=("dataset",))).validate()
     out = check_output_folder(ns.out, "--out") if ns.out else None   # before anything is read or evaluated
     export = zoo.check_export(cfg, ns.export_robustbench) if ns.export_robustbench else None
     if ns.robustbench_dir is not None and not ns.robustbench:
         raise ConfigError("--robustbench-dir is the folder of --robustbench's weights: pass --robustbench NAME too.")
     if ns.robustbench:
-        given = [f for f, v in (("--checkpoint", ns.checkpoint), ("--model", ns.model),
-                                ("--num-classes", ns.num_classes), ("--input-normalization", ns.input_normalization))
-                 if v is not None]
+        given = [flag for flag in ("--checkpoint", "--model", "--num-classes", "--input-normalization")
+                 if getattr(ns, flag[2:].replace("-", "_")) is not None]
         if given or ns.weights != "model":
             raise ConfigError(f"--robustbench {ns.robustbench} names the model, with its own architecture, classes, "
                               f"normalisation and weights: drop {', '.join(given or ['--weights'])}.")
@@ -232,10 +209,9 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if dist.is_main():
         digest = sha256(weights)
         extra = {"robustbench": zoo_model.manifest(digest)} if ns.robustbench else {}
-        paths = save_results({name: result}, out, manifest(dataclasses.asdict(cfg), device=device, seed=cfg.seed,
-                                                           checkpoint=str(weights), checkpoint_sha256=digest,
-                                                           samples={"n": result.n, **result.n_attacked},
-                                                           world_size=dist.world_size(), **extra))
+        paths = save_results({name: result}, out, manifest(
+            dataclasses.asdict(cfg), device=device, seed=cfg.seed, checkpoint=str(weights), checkpoint_sha256=digest,
+            samples={"n": result.n, **result.n_attacked}, world_size=dist.world_size(), **extra))
         print(results_markdown({name: result}))
         print(f"written to {out}/results.{{md,csv,json}}")
         if export is not None:
@@ -249,11 +225,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 def _model_of_checkpoint(ns: argparse.Namespace, out: Path | None) -> tuple[Any, float | None, str, str, Path]:
     """The model of ``--checkpoint`` (a fastrobust checkpoint or a plain state dict), its training radius,
     name and dataset, and the output folder (checked)."""
-    import loaders
-
     from . import checkpoint as ck
     from .models import create_model
-    from .report import check_output_folder
     obj = ck.read(ns.checkpoint)   # bad files fail here, before any data is loaded
     if out is None:   # the default is beside the checkpoint: checked once the checkpoint is known to exist
         out = check_output_folder(default_eval_dir(ns.checkpoint), "the evaluation folder (--out's default)")
@@ -266,8 +239,7 @@ def _model_of_checkpoint(ns: argparse.Namespace, out: Path | None) -> tuple[Any,
             raise ConfigError(f"--weights {ns.weights} is for fastrobust checkpoints; {ns.checkpoint} is a plain state "
                               f"dict, with one set of weights: drop the flag.")
         dataset = ns.dataset or "cifar10"
-        model = create_model(ns.model, dataset=dataset, num_classes=ns.num_classes,
-                             normalization=ns.input_normalization)
+        model = create_model(ns.model, dataset=dataset, num_classes=ns.num_classes, normalization=ns.input_normalization)
         layout = ck.load_state_dict(ck.state_dict_in(obj), model, ns.checkpoint)
         train_eps, spec_name = None, f"{ns.model} (state dict, {layout} layout)"
     else:
@@ -313,18 +285,16 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("evaluations", nargs="*", metavar="EVAL",
                    help="the two evaluations A and B: run or evaluation folders, or points.npz files")
-    p.add_argument("--a", dest="group_a", nargs="+", metavar="RUN", default=None,
-                   help="group A: run folders, one per training seed")
-    p.add_argument("--b", dest="group_b", nargs="+", metavar="RUN", default=None,
-                   help="group B: run folders, one per training seed")
-    p.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"), default=None,
+    for group in "ab":
+        p.add_argument(f"--{group}", dest=f"group_{group}", nargs="+", metavar="RUN",
+                       help=f"group {group.upper()}: run folders, one per training seed")
+    p.add_argument("--names", nargs=2, metavar=("NAME_A", "NAME_B"),
                    help="what A and B are, for the tables (e.g. D-TRADES TRADES); default: A B")
-    p.add_argument("--reps", type=_number(int, "reps"), default=10_000,
-                   help="bootstrap replicates of each paired interval; default: 10000")
-    p.add_argument("--seed", type=_number(int, "seed"), default=0, help="seed of the bootstrap resampling; default: 0")
-    p.add_argument("--level", type=_number(float, "level"), default=0.95,
-                   help="confidence level of every interval, in (0, 1); default: 0.95")
-    p.add_argument("--out", default=None, metavar="DIR", help="also write compare.{md,csv,json} into this folder")
+    for flag, tp, default, what in (("reps", int, 10_000, "bootstrap replicates of each paired interval"),
+                                    ("seed", int, 0, "seed of the bootstrap resampling"),
+                                    ("level", float, 0.95, "confidence level of every interval, in (0, 1)")):
+        p.add_argument(f"--{flag}", type=_number(tp, flag), default=default, help=f"{what}; default: {default}")
+    p.add_argument("--out", metavar="DIR", help="also write compare.{md,csv,json} into this folder")
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
@@ -349,11 +319,8 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def _cmd_data(ns: argparse.Namespace) -> int:
-    from loaders import write_beton
-
-    from .report import check_output_folder
     check_output_folder(ns.out, "--out")
-    print(write_beton(ns.dataset, ns.split, ns.out, data_dir=ns.data_dir, limit=ns.limit))
+    print(loaders.write_beton(ns.dataset, ns.split, ns.out, data_dir=ns.data_dir, limit=ns.limit))
     return 0
 
 
@@ -365,8 +332,6 @@ def one_line(message: object) -> str:
 def run_reporting_errors(run: Callable[[], int], prog: str = "fastrobust") -> int:
     """Run a command; a user-facing error becomes one line on stderr and an exit status, never a
     traceback (2: bad input, the signal's status when interrupted). The process group is shut down."""
-    from . import distributed as dist
-    from .errors import TrainingInterrupted
     try:
         return run()
     except TrainingInterrupted as e:
@@ -388,7 +353,6 @@ BROKEN_PIPE_EXIT = 141   # 128 + SIGPIPE: what a shell reports for a program who
 def _stdout_is_broken() -> bool:
     """Whether stdout is a pipe whose reading end is closed (poll reports an error on its writing end)."""
     try:
-        import select
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
         return any(events & select.POLLERR for _, events in poller.poll(0))
@@ -397,10 +361,9 @@ def _stdout_is_broken() -> bool:
 
 
 def exit_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
-    """Run a command (argument parsing included) whose stdout may be a pipe that closes early, as in
-    ``fastrobust ... | head``: the rest of the output is dropped, with no traceback, and the status is 141,
-    as for a program that SIGPIPE ends: the command did not write all it was asked for (a training run
-    stops there), and ``set -o pipefail`` sees it. A BrokenPipeError from anything but stdout is raised."""
+    """Run a command (argument parsing included) whose stdout may close early (``| head``): the rest of the
+    output is dropped, with no traceback, and the status is 141 as under SIGPIPE, so that ``set -o pipefail``
+    sees the output was cut short. A BrokenPipeError from anything but stdout is raised."""
     try:
         try:
             return run()
@@ -418,16 +381,12 @@ def exit_quietly_on_broken_pipe(run: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return exit_quietly_on_broken_pipe(lambda: _main(argv))
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    ns = build_parser().parse_args(argv)
-    from .bench import run_bench
-    from .check_gpu import run as run_check_gpu
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": run_bench,
-                "check-gpu": run_check_gpu, "compare": _cmd_compare}
-    return run_reporting_errors(lambda: handlers[ns.command](ns))
+    def parse_and_run() -> int:
+        ns = build_parser().parse_args(argv)
+        handlers = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data, "bench": bench.run_bench,
+                    "check-gpu": check_gpu.run, "compare": _cmd_compare}
+        return run_reporting_errors(lambda: handlers[ns.command](ns))
+    return exit_quietly_on_broken_pipe(parse_and_run)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 import torch
 
+from . import __version__
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .evaluate import EvalResult
 
@@ -25,10 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` whole or not at all, the one writer of every file the library keeps: ``write(f)``
-    fills a hidden temporary beside it (``.NAME.tmp-PID``, which checkpoint.clean_stale_temporaries
-    recognises after a kill), synced to disk, renamed over ``path``, and the folder entry synced. On an
-    OSError the temporary is removed, the old file is untouched, and the error is raised."""
+    """Write ``path`` whole or not at all: ``write(f)`` fills a hidden temporary beside it (``.NAME.tmp-PID``,
+    which checkpoint.clean_stale_temporaries recognises after a kill), synced, renamed over ``path``, and the
+    folder entry synced. On an error the temporary is removed and the old file is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -55,9 +57,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def check_output_folder(folder: str | Path, what: str) -> Path:
     """Create ``folder`` (with its parents) and check that it takes files, before any work whose results go
-    there: a folder that cannot be used is a ConfigError naming ``what`` (the flag) and why, at once,
-    instead of a traceback after the work. Every command's output folders are checked here."""
-    from .errors import ConfigError
+    there: else a ConfigError naming ``what`` (the flag) and why, at once, not a traceback after the work."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{what} {folder} is an existing file, not a folder: choose a folder, or move the file away.")
@@ -75,7 +75,6 @@ def check_output_folder(folder: str | Path, what: str) -> Path:
 
 def check_output_file(path: str | Path, what: str) -> Path:
     """A file to be written: not an existing folder, and its folder usable (:func:`check_output_folder`)."""
-    from .errors import ConfigError
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{what} {path} is an existing folder; pass the path of a file to write, e.g. "
@@ -91,8 +90,6 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def _jsonable(o: Any) -> Any:
     if isinstance(o, torch.Tensor):
         return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if isinstance(o, (set, tuple)):
@@ -126,14 +123,12 @@ def device_description(device: str | torch.device) -> str:
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return f"{torch.cuda.get_device_name(idx)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        cpuinfo = []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor() or platform.machine())
     return (f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"{torch.backends.cpu.get_cpu_capability()}")
 
@@ -147,7 +142,6 @@ def versions() -> dict[str, str | None]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = None
-    from . import __version__
     out["fastrobust"] = __version__
     return out
 
@@ -168,25 +162,19 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(headers)
-    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    csv.writer(buf).writerows([headers, *(["" if v is None else v for v in row] for row in rows)])
     return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------- plots
-def _axes(size: tuple[float, float]):
+def _plot(path: str | Path, size: tuple[float, float], draw: Callable[[Any], None], legend: bool, **labels: str) -> Path:
+    """A figure drawn by ``draw(ax)``, with ``labels`` (xlabel, ylabel, title), written in ``path``'s format."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=size, dpi=120)
-    return plt, fig, ax
-
-
-def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str, legend: bool) -> Path:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    draw(ax)
+    ax.set(**labels)
     ax.grid(alpha=0.3)
     if legend:
         ax.legend()
@@ -199,27 +187,19 @@ def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str, 
 
 def plot_lines(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
                ylabel: str, title: str) -> Path:
-    plt, fig, ax = _axes((5.5, 3.8))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
-    return _save(plt, fig, ax, path, xlabel, ylabel, title, len(series) > 1)
+    def draw(ax: Any) -> None:
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+    return _plot(path, (5.5, 3.8), draw, len(series) > 1, xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 def plot_scatter(path: str | Path, points: dict[str, tuple[float, float]], *, xlabel: str, ylabel: str,
                  title: str) -> Path:
-    plt, fig, ax = _axes((5, 4))
-    for label, (x, y) in points.items():
-        ax.scatter([x], [y], s=40)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    return _save(plt, fig, ax, path, xlabel, ylabel, title, False)
-
-
-def plot_na_ra(path: str | Path, results: dict[str, "EvalResult"], attack: str = "pgd") -> Path:
-    """NA against RA, one point per model (the Pareto view of a comparison)."""
-    points = {k: (100 * r.na, 100 * r.ra.get(attack, float("nan"))) for k, r in results.items()}
-    label = next(iter(results.values())).label(attack)
-    return plot_scatter(path, points, xlabel="natural accuracy (%)", ylabel=f"{label} robust accuracy (%)",
-                        title="NA against RA")
+    def draw(ax: Any) -> None:
+        for label, (x, y) in points.items():
+            ax.scatter([x], [y], s=40)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    return _plot(path, (5, 4), draw, False, xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -241,8 +221,7 @@ def write_history(out: Path, history: list[dict[str, Any]], steps_per_epoch: int
     atomic_write_text(out / "epochs.csv", csv_text(HISTORY_COLUMNS, [[h.get(k) for k in HISTORY_COLUMNS]
                                                                      for h in history]))
     log = out / "log.jsonl"
-    steps = [json.loads(line) for line in log.read_text().splitlines() if '"kind": "step"' in line] \
-        if log.exists() else []
+    steps = [json.loads(line) for line in log.read_text().splitlines() if '"kind": "step"' in line] if log.exists() else []
     series = {}
     if steps:
         series["train loss"] = ([s["step"] / steps_per_epoch for s in steps], [s["loss"] for s in steps])
@@ -305,7 +284,10 @@ def save_results(results: dict[str, "EvalResult"], out_dir: str | Path, manifest
     if sweeps:
         paths["sweep_png"] = plot_lines(out / "eps_sweep.png", sweeps, xlabel="eps", ylabel="PGD robust accuracy (%)",
                                         title="Robust accuracy against radius")
-    paths["na_ra_png"] = plot_na_ra(out / "na_ra.png", results)
+    any_r = next(iter(results.values()))   # NA against PGD RA, one point per model (the Pareto view)
+    paths["na_ra_png"] = plot_scatter(out / "na_ra.png", {k: (100 * r.na, 100 * r.ra.get("pgd", float("nan")))
+                                                          for k, r in results.items()}, xlabel="natural accuracy (%)",
+                                      ylabel=f"{any_r.label('pgd')} robust accuracy (%)", title="NA against RA")
     from . import points as points_io
     for name, r in results.items():   # one per-point file per evaluation: points.npz, or points_<name>.npz
         if r.points is not None:
