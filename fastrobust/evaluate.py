@@ -8,24 +8,13 @@ Definitions (all fractions of the evaluated test points):
   ASR attack success rate, the paper's definition: 1 - RA.
   conditional ASR: the share of clean-correct points that the attack flips to a wrong class.
 
-Every evaluation runs and records these checks, each "passed" or "FAILED" with its numbers:
-  ordering   AutoAttack RA <= PGD RA <= FGSM RA <= NA, within two binomial standard errors;
-  eps = 0    PGD RA at eps 0 equals NA exactly;
-  monotone   PGD RA does not rise as eps grows (within the error bar), over the sweep and the
-             evaluation's own PGD RA at its radius;
-  large eps  PGD RA at a radius covering the whole [0,1] box is about 0 (<= 5%);
-  gradients  input gradients are finite and mostly non-zero;
-  PGD vs AA  PGD RA exceeds AutoAttack RA on the same points by at most 5 points (or two standard
-             errors): a larger gap means PGD is too weak for this model, and its RA overstates robustness;
-  diversity  no class takes more than half of the clean predictions: a collapsed model's robust
-             accuracy is only the share of its favourite class.
-Failures point at gradient masking or a broken attack; they never stop the evaluation.
+Every evaluation runs the sanity checks README "Evaluation" lists (their tolerances are below), each
+"passed" or "FAILED" with its numbers. Failures point at gradient masking or a broken attack; they
+never stop the evaluation.
 
-Randomness is per batch: each batch's attacks start from a seed derived from (cfg.seed, batch
-index), so a batch's numbers do not depend on which batches ran before it. That is what lets a
-distributed evaluation (launched by torchrun, or ``distributed=True``) shard the batches round-robin
-across ranks and all-reduce the per-point flags, and still give exactly the single-process result
-(on the CPU; on GPUs up to the convolution algorithms each device picks).
+Each batch's attacks are seeded from (cfg.seed, batch index), so a batch's numbers do not depend on
+which batches ran before it: a distributed evaluation (torchrun, or ``distributed=True``) shards the
+batches round-robin, all-reduces the per-point flags, and gives the single-process result.
 """
 from __future__ import annotations
 
@@ -103,21 +92,13 @@ class EvalResult:
 
 
 def attack_label(name: str, config: dict) -> str:
-    """How results name an attack: its ``label(config)`` (e.g. PGD-20), else its ``name``."""
-    cls = ATTACKS[name]
-    return cls.label(config) if hasattr(cls, "label") else cls.name
+    """How results name an attack (e.g. PGD-20)."""
+    return ATTACKS[name].label(config)
 
 
 def attack_settings(name: str, config: dict) -> dict:
-    """The options that decide an attack's outcome: its ``settings(config)``, else the radius and norm."""
-    cls = ATTACKS[name]
-    return cls.settings(config) if hasattr(cls, "settings") else {"eps": config["eps"], "norm": config["norm"]}
-
-
-def _per_batch(name: str) -> bool:
-    """Whether an attack runs on every evaluated point (False: on the first cfg.aa_samples, for
-    attacks as costly as AutoAttack)."""
-    return getattr(ATTACKS[name], "per_batch", True)
+    """The options that decide an attack's outcome."""
+    return ATTACKS[name].settings(config)
 
 
 def _stderr(p: float, n: int) -> float:
@@ -145,15 +126,9 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def model_memory_format(model: nn.Module) -> torch.memory_format:
     """channels_last when the model's convolutions are stored that way: inputs should match, since
     mixing formats makes every convolution convert (several times slower on the CPU)."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() \
-                else torch.contiguous_format
-    return torch.contiguous_format
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    p = next((p for p in model.parameters() if p.dim() == 4), None)
+    channels_last = p is not None and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def input_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Check:
@@ -169,9 +144,10 @@ def input_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
                                       f"(<= 10% allowed), median ||grad|| {float(norms.median()):.3g}")
 
 
-def _my_batches(slices: list[slice], rank: int, world: int) -> list[tuple[int, slice]]:
-    """This rank's share of the batches: whole batches, round-robin, with their global indices."""
-    return [(i, sl) for i, sl in enumerate(slices) if i % world == rank]
+def _my_batches(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, slice]]:
+    """This rank's share of the batches of ``n`` points: whole batches, round-robin, with their global indices."""
+    return [(i, slice(start, min(start + batch_size, n))) for i, start in enumerate(range(0, n, batch_size))
+            if i % world == rank]
 
 
 def _seed_batch(seed: int, phase: str, *index: int) -> None:
@@ -193,10 +169,10 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     """Evaluate ``model`` on ``images``/``labels`` (the first ``cfg.num_samples``), in fp32, in eval mode.
 
     ``distributed`` (default: whether a process group with several ranks is initialised): every rank
-    calls this with the same model and data, attacks its round-robin share of the batches, and all
-    ranks return the same result, equal to the single-process one. A PGD too weak for its ball is
-    recorded in the result's warnings and, with ``warn_weak``, raised as a warning (rank 0)."""
-    cfg = cfg.resolved()   # the radius must be set: evaluation never guesses a threat model
+    calls this with the same model and data, and all return the same result. A PGD too weak for its
+    ball is recorded in the result's warnings and, with ``warn_weak``, raised as a warning (rank 0)."""
+    cfg = cfg.resolved()   # the radius must be set: evaluation never guesses a threat model (idempotent)
+    cfg_dict = dataclasses.asdict(cfg)
     device = torch.device(device)
     if distributed is None:
         distributed = dist.world_size() > 1
@@ -213,18 +189,17 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
         notes.append(pgd_note)
         if rank == 0 and warn_weak:
             warnings.warn(pgd_note, stacklevel=2)
-    attacks = {a: ATTACKS[a].for_evaluation(cfg) for a in ATTACKS if a in cfg.attacks and _per_batch(a)}
+    attacks = {a: ATTACKS[a].for_evaluation(cfg) for a in ATTACKS if a in cfg.attacks and ATTACKS[a].per_batch}
     for a in [a for a, attack in attacks.items() if attack is None]:
-        notes.append(f"{attack_label(a, dataclasses.asdict(cfg))} does not apply to the {cfg.norm} threat model; skipped.")
+        notes.append(f"{attack_label(a, cfg_dict)} does not apply to the {cfg.norm} threat model; skipped.")
         del attacks[a]
     batch_attacks = list(attacks)
 
-    flags = {"clean": torch.zeros(n, dtype=torch.bool)}
+    flags = {a: torch.zeros(n, dtype=torch.bool) for a in ["clean", *batch_attacks]}
     preds = torch.zeros(n, dtype=torch.int64)
-    flags.update({a: torch.zeros(n, dtype=torch.bool) for a in batch_attacks})
     model = model.to(device)
     fmt = model_memory_format(model)
-    mine = _my_batches(_batches(n, cfg.batch_size), rank, world)
+    mine = _my_batches(n, cfg.batch_size, rank, world)
     for i, sl in tqdm(mine, desc="eval " + "+".join(["clean"] + batch_attacks), disable=not progress, leave=False):
         _seed_batch(cfg.seed, "batch", i)
         x, y = x_all[sl].to(device, memory_format=fmt), y_all[sl].to(device)
@@ -241,29 +216,22 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     # The attacks too costly for every point (AutoAttack) run on the first cfg.aa_samples, and count a
     # point as robust only when it is also clean-correct (AutoAttack does not attack the others).
     n_few = min(cfg.aa_samples, n)
-    for a in [a for a in ATTACKS if a in cfg.attacks and not _per_batch(a) and n_few]:
+    for a in [a for a in ATTACKS if a in cfg.attacks and not ATTACKS[a].per_batch and n_few]:
         attack = ATTACKS[a].for_evaluation(cfg, device)
         few = torch.zeros(n_few, dtype=torch.bool)
-        mine = _my_batches(_batches(n_few, cfg.batch_size), rank, world)
-        for i, sl in tqdm(mine, desc=f"eval {attack_label(a, dataclasses.asdict(cfg))}", disable=not progress,
-                          leave=False):
+        mine = _my_batches(n_few, cfg.batch_size, rank, world)
+        for i, sl in tqdm(mine, desc=f"eval {attack_label(a, cfg_dict)}", disable=not progress, leave=False):
             x, y = x_all[sl].to(device), y_all[sl].to(device)   # AutoAttack re-seeds itself (cfg.seed) per call
             few[sl] = (predict(model, attack(model, x, y)) == y).cpu() & clean[sl]
         correct[a] = _gather_flags({a: few}, world)[a]
 
-    ra, n_att, na_att, cond = {}, {}, {}, {}
-    for a, flags_a in correct.items():
-        m = len(flags_a)
-        base = clean[:m]
-        ra[a] = float(flags_a.float().mean())
-        n_att[a] = m
-        na_att[a] = float(base.float().mean())
-        cond[a] = float((base & ~flags_a).sum()) / max(int(base.sum()), 1)
-    per_class = {a: _per_class(f, y_all[:len(f)]) for a, f in dict(correct, natural=clean).items()}
-    result = EvalResult(config=dataclasses.asdict(cfg), n=n, na=float(clean.float().mean()), ra=ra,
-                        n_attacked=n_att, na_on_attacked=na_att, conditional_asr=cond, per_class=per_class,
-                        warnings=notes)
-    cfg_dict = dataclasses.asdict(cfg)
+    base = {a: clean[:len(f)] for a, f in correct.items()}   # the clean flags on each attack's points
+    result = EvalResult(
+        config=cfg_dict, n=n, na=float(clean.float().mean()),
+        ra={a: float(f.float().mean()) for a, f in correct.items()}, n_attacked={a: len(f) for a, f in correct.items()},
+        na_on_attacked={a: float(base[a].float().mean()) for a in correct},
+        conditional_asr={a: float((base[a] & ~f).sum()) / max(int(base[a].sum()), 1) for a, f in correct.items()},
+        per_class={a: _per_class(f, y_all[:len(f)]) for a, f in dict(correct, natural=clean).items()}, warnings=notes)
     result.points = from_evaluation(clean, correct, y_all, {
         "dataset": cfg.dataset, "split": "test", "eps": cfg.eps, "norm": cfg.norm,
         "attacks": {a: {"label": attack_label(a, cfg_dict), "n": len(f), "settings": attack_settings(a, cfg_dict)}
@@ -275,8 +243,11 @@ def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.
     if cfg.sweep_samples and cfg.eps > 0:
         m = min(cfg.sweep_samples, n)
         result.sweep = eps_sweep(model, x_all[:m], y_all[:m], cfg, device, progress, rank=rank, world=world)
-        result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m,
-                                      headline=headline_point(result, correct, m))
+        # the evaluation's own PGD RA at its radius, on the sweep's points, joins the monotone check: a
+        # headline above the sweep's RA at a smaller or the same radius is as much a sign of a broken attack
+        headline = {"eps": cfg.eps, "ra": float(correct["pgd"][:m].float().mean()), "n": m,
+                    "label": result.label("pgd")} if "pgd" in correct else None
+        result.checks += sweep_checks(result.sweep, float(clean[:m].float().mean()), m, headline=headline)
     result.checks.append(input_gradient_check(model, x_all[:cfg.batch_size].to(device, memory_format=fmt),
                                               y_all[:cfg.batch_size].to(device)))
     return result
@@ -293,15 +264,16 @@ def ordering_checks(result: EvalResult, clean: torch.Tensor, correct: dict[str, 
     """AutoAttack <= PGD <= FGSM <= NA (the registry's order reversed), each pair on the same points."""
     order = [a for a in reversed(ATTACKS) if a in correct] + ["natural"]
     flags = dict(correct, natural=clean)
+    def name(a: str) -> str:
+        return "NA" if a == "natural" else result.label(a)
+
     checks = []
     for stronger, weaker in zip(order, order[1:]):
         m = min(len(flags[stronger]), len(flags[weaker]))
         p_s = float(flags[stronger][:m].float().mean())
         p_w = float(flags[weaker][:m].float().mean())
         tol = 2 * _stderr(p_w, m)
-        name_s = result.label(stronger) if stronger != "natural" else "NA"
-        name_w = result.label(weaker) if weaker != "natural" else "NA"
-        checks.append(Check(f"ordering {name_s} <= {name_w}", p_s <= p_w + tol,
+        checks.append(Check(f"ordering {name(stronger)} <= {name(weaker)}", p_s <= p_w + tol,
                             f"{100 * p_s:.2f}% vs {100 * p_w:.2f}% on {m} points (tolerance {100 * tol:.2f}%)"))
     return checks
 
@@ -338,7 +310,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
     radii = sorted({min(cfg.eps * k, box) for k in cfg.sweep_multipliers} | {box})
     hits = torch.zeros(len(radii), dtype=torch.int64)
     fmt = model_memory_format(model)
-    mine = _my_batches(_batches(len(y), cfg.batch_size), rank, world)
+    mine = _my_batches(len(y), cfg.batch_size, rank, world)
     for k, eps in enumerate(tqdm(radii, desc="eval eps-sweep", disable=not progress, leave=False)):
         step = cfg.pgd_step_size * eps / cfg.eps if eps < box else 2.5 * box / cfg.pgd_steps
         # the evaluation's PGD with its step scaled to each radius: as strong as that PGD, reported once
@@ -353,20 +325,10 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
     return [{"eps": eps, "ra": int(h) / len(y), "n": len(y)} for eps, h in zip(radii, hits)]
 
 
-def headline_point(result: EvalResult, correct: dict[str, torch.Tensor], m: int) -> dict[str, Any] | None:
-    """The evaluation's own PGD RA at its radius, on the sweep's points (the first ``m``), for the
-    monotone check: a headline number above the sweep's RA at a smaller or the same radius (the whole
-    box included) is as much a sign of a broken attack as a rise within the sweep."""
-    if "pgd" not in correct:
-        return None
-    return {"eps": result.config["eps"], "ra": float(correct["pgd"][:m].float().mean()), "n": m,
-            "label": result.label("pgd")}
-
-
 def sweep_checks(sweep: list[dict[str, float]], na: float, m: int,
                  headline: dict[str, Any] | None = None) -> list[Check]:
-    """eps = 0, monotone in eps (the sweep and, given, the ``headline`` point: :func:`headline_point`)
-    and large eps. Monotone: no point's RA exceeds that of a point at the next smaller radius, or of the
+    """eps = 0, monotone in eps (the sweep and, given, the evaluation's ``headline`` PGD point) and
+    large eps. Monotone: no point's RA exceeds that of a point at the next smaller radius, or of the
     other point at its own radius (the headline beside the sweep's run at that radius), by more than two
     standard errors."""
     zero = [p for p in sweep if p["eps"] == 0]

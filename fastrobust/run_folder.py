@@ -1,28 +1,9 @@
-"""A run folder holds one run, written by one process, with one history.
-
-* **Resume continues only the run it was.** ``--resume`` compares the configuration with the one
-  recorded in the checkpoint it would continue from. Every :class:`~fastrobust.config.TrainConfig`
-  field must be equal except those in :data:`MAY_DIFFER`, which do not change the trained model
-  (where it runs, what is logged or printed, where data is read and what the final evaluation
-  measures). The check is deny by default: a field added to TrainConfig later counts as
-  training-relevant without being listed anywhere. Besides the fields, what ``device`` resolves to
-  (the autocast precision, and whether a compiled step drops the last partial batch) must be equal
-  too. A difference is a ConfigError listing every ``field: old -> new``, raised before anything in
-  the folder is written; the allowed differences are recorded in the manifest
-  (``resumed_with_changes``).
-* **A fresh run never silently replaces another.** Training into a folder that holds a run's files
-  needs ``--resume`` or ``--overwrite``; an overwrite deletes the files a run writes (and only those)
-  before it starts, so no mixture of two runs remains.
-* **One writer per folder.** The training process holds an exclusive ``flock`` on ``<out>/.lock`` for
-  the whole run (under torchrun: rank 0, the only rank that writes); the file names its PID and host.
-  A second process is refused with that PID. The kernel drops the lock when its holder exits, however
-  it ends (SIGKILL included), so a lock never outlives its process.
-* **Resume leaves a clean history.** ``log.jsonl`` is cut back to the step of the checkpoint a resume
-  continues from (and ``epochs.csv`` rewritten from the checkpoint's per-epoch history), so the
-  resumed history equals an uninterrupted run's apart from timing fields.
+"""A run folder holds one run, written by one process, with one history: README "Run folders" states
+the rules (resume continues only the run it was, a fresh run never silently replaces another, one
+writer per folder, resume leaves a clean history) and this module enforces them.
 
 Everything that decides whether a start may proceed (:func:`inspect`) only reads; :func:`prepare`
-changes the folder, under the lock.
+changes the folder, under the lock (:class:`FolderLock`).
 """
 from __future__ import annotations
 
@@ -52,7 +33,8 @@ EVAL_FILES = ("results.md", "results.csv", "results.json", "eval_manifest.json",
 NAMED_CHECKPOINTS = ("best.pt", "final.pt")
 
 # The TrainConfig fields (eval's as "eval.<field>") that may differ when a run is resumed, and why
-# they do not change the trained model. Every field not listed here must be equal.
+# they do not change the trained model. Deny by default: every field not listed here (one added to
+# TrainConfig later included) must be equal.
 MAY_DIFFER: dict[str, str] = {
     "device": "where the run computes (a pre-empted job resumes on another node); what a device changes "
               "beyond rounding, the autocast precision and the dropped partial batch, is checked separately",
@@ -72,13 +54,8 @@ MAY_DIFFER: dict[str, str] = {
     "final_eval": "the test-set evaluation after training",
     # the final evaluation only: the per-epoch validation that picks best.pt uses PGD at the run's seed,
     # so the PGD settings, eps, norm and batch size (each batch's random start) stay fixed
-    "eval.attacks": "the final evaluation only",
-    "eval.num_samples": "the final evaluation only",
-    "eval.aa_samples": "the final evaluation only",
-    "eval.aa_version": "the final evaluation only",
-    "eval.aa_attacks": "the final evaluation only",
-    "eval.sweep_samples": "the final evaluation only",
-    "eval.sweep_multipliers": "the final evaluation only",
+    **{f"eval.{key}": "the final evaluation only" for key in (
+        "attacks", "num_samples", "aa_samples", "aa_version", "aa_attacks", "sweep_samples", "sweep_multipliers")},
     "eval.seed": "the final evaluation only (validation uses the run's seed)",
 }
 # allowed only between some values
@@ -295,10 +272,9 @@ def prepare(plan: Plan, out: Path) -> str:
 
 
 def cut_history(out: Path, step: int, epoch: int, history: list[dict]) -> int:
-    """Cut ``log.jsonl`` back to what was logged up to ``step`` (step records) and ``epoch`` completed
-    epochs (epoch records): the longest prefix of whole records not past them. A line cut short by a
-    kill ends the prefix too. ``epochs.csv``, if there is one, is rewritten from ``history``, the
-    checkpoint's per-epoch records. Returns how many log records were removed."""
+    """Cut ``log.jsonl`` to its longest prefix of whole records not past ``step`` (step records) and
+    ``epoch`` (epoch records), and rewrite ``epochs.csv``, if any, from ``history``. Returns how many
+    log records were removed."""
     log = out / "log.jsonl"
     dropped = 0
     if log.is_file():
@@ -361,14 +337,13 @@ def lock_holder(out: Path) -> str | None:
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder_text(fd)
-        except OSError:
-            return None   # a filesystem without locks: FolderLock.acquire says so
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
+    except BlockingIOError:
+        return _holder_text(fd)
+    except OSError:
+        return None   # a filesystem without locks: FolderLock.acquire says so
     finally:
         os.close(fd)
 

@@ -118,10 +118,19 @@ class Noise:
     """A toy attack: uniform noise in the L-inf ball (weak on purpose)."""
     eps: float
     name: str = "Noise"
+    per_batch: ClassVar[bool] = True   # runs on every evaluated batch
 
     @classmethod
     def for_evaluation(cls, cfg: EvalConfig):
         return cls(eps=cfg.eps) if cfg.norm == "linf" else None
+
+    @staticmethod
+    def label(cfg: dict) -> str:
+        return "Noise"
+
+    @staticmethod
+    def settings(cfg: dict) -> dict:
+        return {"eps": cfg["eps"], "norm": cfg["norm"]}
 
     def __call__(self, model, x, y):
         return attacks.random_start(x, self.eps, "linf", "uniform")
