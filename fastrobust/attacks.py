@@ -26,6 +26,7 @@ from .options import check_fields, option
 
 NORMS = kernels.PGD_NORMS                      # "linf", "l2"
 RANDOM_STARTS = ("uniform", "trades", "none")  # in the ball; x + 0.001 N(0, 1) (TRADES, MART); none
+METHOD_S = "method"   # a training attack's objective or random start: the one its method declares
 
 
 def _ce_objective(logits_adv: torch.Tensor, y: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
@@ -194,8 +195,8 @@ class PGD:
     as ``TrainConfig.attack``, the training attack (one class, one set of checks).
 
     ``random_start``: "uniform" (in the ball), "trades" (x + 0.001 N(0, 1)) or "none"; ``objective``: a
-    name in :data:`OBJECTIVES` ("ce", "kl" (TRADES), "cw"). In a training config either may be None: the
-    training method's own (:meth:`for_method`). ``early_stop``: freeze each sample at its first
+    name in :data:`OBJECTIVES` ("ce", "kl" (TRADES), "cw"). Either may be "method" (the default): the
+    training method's own, which :meth:`for_method` fills in. ``early_stop``: freeze each sample at its first
     misclassified iterate. A weak attack (steps x step size < eps) warns at its first call; the trainer
     and the evaluation say it once themselves, with their context, and record it.
     """
@@ -203,10 +204,10 @@ class PGD:
     step_size: float = option(help="step size", low=0, low_open=True)
     steps: int = option(help="steps", low=1)
     norm: str = option("linf", "threat model", choices=NORMS)
-    random_start: str | None = option(None, "first iterate (none: the training method's)", choices=RANDOM_STARTS,
-                                      kind="random start")
-    objective: str | None = option(None, "what the attack ascends (none: the training method's)", choices=OBJECTIVES,
-                                   kind="attack objective")
+    random_start: str = option(METHOD_S, "first iterate (method: the training method's)",
+                               choices=(METHOD_S, *RANDOM_STARTS), kind="random start")
+    objective: str = option(METHOD_S, "what the attack ascends (method: the training method's)",
+                            choices=(METHOD_S, *OBJECTIVES), kind="attack objective")
     early_stop: bool = option(False, "freeze each sample at its first misclassified iterate")
     name: ClassVar[str] = "PGD"
 
@@ -218,15 +219,16 @@ class PGD:
         return weak_attack_warning(self.eps, self.step_size, self.steps, f"{self.name}-{self.steps}")
 
     def for_method(self, method: Any) -> "PGD":
-        """This attack with the objective and random start the training method declares where None here."""
-        return dataclasses.replace(self, objective=self.objective or method.objective,
-                                   random_start=self.random_start or method.random_start)
+        """This attack with the objective and random start the training method declares where it says "method"."""
+        return dataclasses.replace(self, objective=method.objective if self.objective == METHOD_S else self.objective,
+                                   random_start=method.random_start if self.random_start == METHOD_S
+                                   else self.random_start)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clean_logits: torch.Tensor | None = None,
                 start: torch.Tensor | None = None, recompute_clean: bool = False, fp32_steps: int = 0) -> PGDResult:
         """The attack from ``start`` (default: a fresh random start), in eval mode."""
-        if self.objective is None or self.random_start is None:
-            raise ConfigError("this PGD names no objective or random start (none means the training method's): "
+        if METHOD_S in (self.objective, self.random_start):
+            raise ConfigError("this PGD takes its objective or random start from a training method (\"method\"): "
                               "pass objective= and random_start=, or use attack.for_method(method).")
         if start is None:
             start = random_start(x, self.eps, self.norm, self.random_start)

@@ -30,7 +30,7 @@ def _batch(seed: int, n: int = 6):
 def test_the_method_fills_in_what_the_attack_leaves_unset(method, objective, start):
     cfg = train_config(dataset="mnist", model="smallcnn", method=method, eps=0.3, attack_steps=3,
                        attack_step_size=0.1, device="cpu").validate()
-    assert (cfg.attack.objective, cfg.attack.random_start) == (None, None)   # recorded as the method's
+    assert (cfg.attack.objective, cfg.attack.random_start) == ("method", "method")   # recorded as the method's
     pgd = TrainStep(cfg, random_smallcnn(0), CPU).pgd
     assert isinstance(pgd, PGD) and (pgd.objective, pgd.random_start) == (objective, start)
     assert (pgd.eps, pgd.steps, pgd.step_size) == (0.3, 3, 0.1)
@@ -53,6 +53,9 @@ def test_the_step_attacks_with_that_pgd_object():
     assert torch.equal(adv.x_adv, expected.x_adv) and torch.equal(adv.grad_norm, expected.last_grad_norm)
     assert not torch.equal(adv.x_adv, dataclasses.replace(step.pgd, objective="kl").perturb(step.net, x, y,
                                                                                             start=start).x_adv)
+    # "none" is a start (x itself), not "the method's": the flag reaches it
+    cfg = parse_train_config(["--dataset", "mnist", "--model", "smallcnn", "--attack-random-start", "none"])
+    assert cfg.attack.random_start == "none" and cfg.attack.for_method(TRADES()).random_start == "none"
 
 
 def test_the_attack_is_checked_once_where_it_is_built():
@@ -62,7 +65,7 @@ def test_the_attack_is_checked_once_where_it_is_built():
         parse_train_config(["--attack-objective", "ccw"])
     with pytest.raises(ConfigError, match="eps"):   # the radius against the data's range: the config, once known
         train_config(dataset="mnist", model="smallcnn", eps=3.0).validate()
-    with pytest.raises(ConfigError, match="names no objective"):   # None means the method's: a bare call asks
+    with pytest.raises(ConfigError, match="from a training method"):   # "method": a bare call has none
         PGD(eps=0.3, step_size=0.1, steps=3)(random_smallcnn(0), *_batch(0))
 
 
