@@ -26,8 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .attacks import PGD
-from .config import TrainConfig
+from .config import TrainConfig, default_attack
 from .errors import ConfigError, unknown_name
 from .methods import METHODS, TRADES, Method
 from .models import create_model
@@ -164,7 +163,7 @@ def run_step_bench(methods: Sequence[Method] = (), models: Sequence[str] = (), b
             x, y = sample_batch(dataset, batch, dev, data_dir, random_images)
             cfgs = configs or {m.label: TrainConfig(dataset=dataset, model=model_name, method=m, batch_size=batch,
                                                     compile=compile, amp=amp,
-                                                    attack=PGD(eps=0.031, step_size=0.007, steps=attack_steps),
+                                                    attack=default_attack(steps=attack_steps),
                                                     device=str(dev)).validate() for m in methods}
             base = create_model(model_name, dataset=dataset, normalization=list(cfgs.values())[-1].input_normalization)
             base = base.to(dev, memory_format=torch.channels_last)   # every variant starts from the same weights

@@ -148,8 +148,7 @@ def step_part(device: torch.device, quick: bool, batch: int, repeats: int, data_
 
 def memory_part(device: torch.device, quick: bool, batch: int, models: list[str],
                 normalization: str = "dataset") -> tuple[list, str]:
-    from .attacks import PGD
-    from .config import TrainConfig
+    from .config import TrainConfig, default_attack
     from .methods import DTRADES
     from .models import create_model
     from .step import TrainStep
@@ -160,7 +159,7 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
         cfg = TrainConfig(dataset=dataset, model=name, method=DTRADES(sensitivity="exact"), amp="bf16",
                           input_normalization=normalization,
                           compile=False, device=str(device),
-                          attack=PGD(eps=0.031, step_size=0.007, steps=1 if quick else 10)).validate()
+                          attack=default_attack(steps=1 if quick else 10)).validate()
         step = TrainStep(cfg, m, device)
         x = torch.rand(8 if quick else batch, m.spec.in_chans, m.spec.img_size, m.spec.img_size,
                        device=device).to(memory_format=torch.channels_last)
@@ -181,8 +180,7 @@ def memory_part(device: torch.device, quick: bool, batch: int, models: list[str]
 
 def training_part(device: torch.device, quick: bool, batch: int, steps: int, data_dir: str | None,
                   normalization: str = "dataset") -> tuple[dict, str]:
-    from .attacks import PGD
-    from .config import TrainConfig
+    from .config import TrainConfig, default_attack
     from .methods import DTRADES
     from .models import create_model
     from .step import TrainStep
@@ -190,7 +188,7 @@ def training_part(device: torch.device, quick: bool, batch: int, steps: int, dat
     steps, batch = (4, 8) if quick else (steps, batch)
     cfg = TrainConfig(dataset=dataset, model=model, method=DTRADES(sensitivity="attack"), batch_size=batch,
                       input_normalization=normalization, amp="auto", compile=None, device=str(device),
-                      attack=PGD(eps=0.031, step_size=0.007, steps=1 if quick else 10)).validate()
+                      attack=default_attack(steps=1 if quick else 10)).validate()
     try:
         import loaders
         batches = loaders.build(dataset, "train", batch, device, data_dir=data_dir, drop_last=True)

@@ -34,6 +34,12 @@ MAX_SEED = 2**63
 FLAT_ATTACK_KEYS = {"eps": "eps", "norm": "norm", "attack_steps": "steps", "attack_step_size": "step_size"}
 
 
+def default_attack(**changes: Any) -> PGD:
+    """TrainConfig's training attack, the D-TRADES paper's CIFAR-10 one (eps 0.031, PGD-10 x 0.007), with
+    ``changes`` (e.g. ``steps=1`` for a quick step)."""
+    return PGD(**{"eps": 0.031, "step_size": 0.007, "steps": 10, **changes})
+
+
 @dataclass
 class EvalConfig:
     """Robustness evaluation. ``eps=None`` takes the training radius (a run's, or a checkpoint's)."""
@@ -113,7 +119,7 @@ class TrainConfig:
                                               "lr_gamma once more", low=0)
     lr_gamma: float = option(0.1, "piecewise: the factor at each milestone", low=0, low_open=True)
     attack: PGD = option(help="the training attack (objective and random start: the method's unless set)",
-                         factory=lambda: PGD(eps=0.031, step_size=0.007, steps=10))
+                         factory=default_attack)
     select_by: str = option("pgd_ra", "validation metric that picks best.pt (FAAL's official code: "
                             "worst_class_pgd_ra)", choices=SELECTION_METRICS, kind="selection metric")
     # engineering

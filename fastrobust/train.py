@@ -120,7 +120,8 @@ class Trainer(RunStops):
         self.tensorboard: tensorboard_log.TensorBoardLog | None = None   # opened once the folder is claimed
         seed_everything(cfg.seed)
         self.warnings: list[str] = []
-        note = f"training attack {cfg.attack.weakness()}" if cfg.method.objective and cfg.attack.weakness() else None
+        weakness = cfg.attack.weakness() if cfg.method.objective else None
+        note = f"training attack {weakness}" if weakness else None
         if note:
             self.warnings.append(note)
             if self.main:
